@@ -1,0 +1,35 @@
+"""onnxfit: train ONNX graphs inside scikit-learn.
+
+Gradients come from onnxruntime-training, computed from the graph itself;
+updates come from pluggable learning-rate objects.
+"""
+
+from .learning_rate import BaseLearningRate, LearningRateSGD, LearningRateSGDNesterov
+from .losses import (
+    AbsoluteLoss,
+    BaseLoss,
+    ElasticLoss,
+    EpsilonInsensitiveLoss,
+    HuberLoss,
+    SquaredEpsilonInsensitiveLoss,
+    SquaredLoss,
+)
+from .penalties import ElasticNetPenalty
+from .regressor import OnnxSGDRegressor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OnnxSGDRegressor",
+    "BaseLearningRate",
+    "LearningRateSGD",
+    "LearningRateSGDNesterov",
+    "BaseLoss",
+    "SquaredLoss",
+    "AbsoluteLoss",
+    "HuberLoss",
+    "EpsilonInsensitiveLoss",
+    "SquaredEpsilonInsensitiveLoss",
+    "ElasticLoss",
+    "ElasticNetPenalty",
+]

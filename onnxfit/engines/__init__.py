@@ -1,0 +1,22 @@
+"""Training engines: the two ways of running a training step.
+
+* :class:`~onnxfit.engines.fused.FusedEngine` (``engine='fused'``): one
+  onnxruntime graph computes forward, loss, gradients and the update.
+* ``engine='forward_backward'``: the model's forward and backward, the loss,
+  the penalty and the update run as separate graphs.
+"""
+
+from .base import BaseEngine, TrainingProblem
+from .fused import FusedEngine
+
+ENGINES = {"fused": FusedEngine}
+
+
+def make_engine(name, problem):
+    """Build the engine called ``name`` for ``problem``."""
+    if name not in ENGINES:
+        raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)}.")
+    return ENGINES[name](problem)
+
+
+__all__ = ["BaseEngine", "TrainingProblem", "FusedEngine", "make_engine", "ENGINES"]

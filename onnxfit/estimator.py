@@ -1,0 +1,368 @@
+"""What OnnxSGDRegressor and OnnxSGDClassifier share: parameters, the
+training loop, early stopping, prediction and export.
+
+As in scikit-learn's ``linear_model/_stochastic_gradient.py``, ``fit`` is a
+reset followed by the same ``_partial_fit`` loop that ``partial_fit`` runs
+for one epoch: there is one path for all training.
+"""
+
+import os
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import onnx
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from .engines import ENGINES, TrainingProblem, make_engine
+from .gradient import make_session
+from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
+from .losses import BaseLoss
+from .model import OnnxModel, linear_model, load_onnx, normalise_model
+from .penalties import ElasticNetPenalty, make_penalty
+
+
+class _Runtime:
+    """onnxruntime objects of a fitted estimator, rebuilt on demand.
+
+    The estimator keeps one instance for its whole life; pickling drops its
+    content (sessions cannot be pickled) and the next call rebuilds it.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self.model = None
+        self.predict_session = None
+        self.engine = None
+        self.engine_key = None
+
+
+def _params_key(obj):
+    if obj is None:
+        return None
+    if isinstance(obj, BaseEstimator):
+        return (type(obj).__qualname__, tuple(sorted(
+            (k, _params_key(v) if isinstance(v, BaseEstimator) else repr(v))
+            for k, v in obj.get_params(deep=False).items()
+        )))
+    return repr(obj)
+
+
+class BaseOnnxSGD(BaseEstimator):
+    """Base class of the onnxfit estimators (not to be used directly)."""
+
+    _parameter_constraints = {
+        "onnx_model": [None, onnx.ModelProto, bytes, str, os.PathLike],
+        "weights_to_train": [None, list, tuple, str],
+        "output_name": [None, str],
+        "learning_rate": [StrOptions({"sgd", "nesterov"}), BaseLearningRate],
+        "loss": [str, BaseLoss],
+        "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "l1_ratio": [Interval(Real, 0, 1, closed="both")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, None, None, closed="neither"), None],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "engine": [StrOptions(set(ENGINES))],
+        "n_threads": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    # -- hooks for the subclasses -----------------------------------------
+    #: Whether ``validate_data`` must check that y is numeric.
+    _y_numeric = True
+
+    def _make_loss(self):
+        raise NotImplementedError
+
+    def _validate_targets(self, y, reset, classes=None):
+        """Return y as the labels the loss expects (float array)."""
+        raise NotImplementedError
+
+    def _default_model(self, n_features, labels, dtype):
+        """The linear graph used when ``onnx_model`` is None."""
+        raise NotImplementedError
+
+    def _validation_score(self, X, y_true_raw, weights):
+        raise NotImplementedError
+
+    def _validation_split(self, n_samples, y, rng):
+        from sklearn.model_selection import ShuffleSplit
+
+        splitter = ShuffleSplit(test_size=self.validation_fraction, random_state=rng)
+        return next(splitter.split(np.zeros(n_samples), y))
+
+    # -- fitting ------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Train the graph on ``(X, y)``, starting from its initial weights.
+
+        With ``warm_start=True`` training starts from the weights of the
+        previous fit instead (the learning-rate schedule and update-rule
+        state restart).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
+        """
+        keep_weights = self.warm_start and hasattr(self, "weights_")
+        return self._partial_fit(
+            X, y, sample_weight, max_iter=self.max_iter, reset=True,
+            keep_weights=keep_weights, use_early_stopping=self.early_stopping,
+        )
+
+    def _partial_fit(
+        self, X, y, sample_weight, max_iter, reset, keep_weights=False,
+        use_early_stopping=False, classes=None,
+    ):
+        first_call = not hasattr(self, "weights_")
+        X, y = validate_data(
+            self, X, y, reset=reset and not keep_weights or first_call,
+            dtype=[np.float64, np.float32], multi_output=True,
+            y_numeric=self._y_numeric,
+        )
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
+        sample_weight = self._weight_samples(y, sample_weight)
+        if reset or first_call:
+            self._start(X, labels, keep_weights=keep_weights and not first_call)
+        label_shape = self.label_shape_
+        labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
+        sample_weight = sample_weight.astype(self.dtype_, copy=False)
+        X = np.ascontiguousarray(X, dtype=self.input_dtype_)
+
+        engine = self._engine()
+        engine.set_state(self.weights_, self._update_state)
+        schedule_state = self._schedule_state
+        learning_rate = self._learning_rate
+
+        rng = self._rng
+        validation = None
+        if use_early_stopping:
+            train_idx, val_idx = self._validation_split(len(X), y, rng)
+            if len(val_idx) == 0 or len(train_idx) == 0:
+                raise ValueError(
+                    f"validation_fraction={self.validation_fraction} leaves an empty "
+                    f"training or validation set for {len(X)} samples."
+                )
+            validation = (X[val_idx], y[val_idx])
+            X, labels, sample_weight = X[train_idx], labels[train_idx], sample_weight[train_idx]
+
+        batch_size = min(self.batch_size, len(X))
+        n_batches = -(-len(X) // batch_size)
+        progress = None
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=max_iter, desc=type(self).__name__, unit="epoch")
+        best_weights = None
+        best_score = -np.inf
+        best_loss = np.inf
+        no_improvement = 0
+        try:
+            for _ in range(max_iter):
+                order = rng.permutation(len(X)) if self.shuffle else np.arange(len(X))
+                rates = learning_rate.rates(schedule_state, n_batches)
+                loss = engine.run_epoch(X, labels, sample_weight, order, batch_size, rates)
+                self.n_iter_ += 1
+                self.t_ += n_batches
+                if not np.isfinite(loss):
+                    raise ValueError(
+                        f"Floating-point overflow: the loss became {loss} at epoch "
+                        f"{self.n_iter_}. Scale the input (StandardScaler) or lower the "
+                        "learning rate."
+                    )
+                self.loss_curve_.append(loss)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.6g}")
+                if validation is not None:
+                    weights, _ = engine.get_state()
+                    score = self._validation_score(validation[0], validation[1], weights)
+                    self.validation_scores_.append(score)
+                    if score > best_score:
+                        best_weights = weights
+                    improved = self.tol is None or score > best_score + self.tol
+                    best_score = max(best_score, score)
+                else:
+                    improved = self.tol is None or loss < best_loss - self.tol
+                    best_loss = min(best_loss, loss)
+                if self.tol is None:
+                    continue
+                no_improvement = 0 if improved else no_improvement + 1
+                if no_improvement >= self.n_iter_no_change:
+                    if learning_rate.trigger_stopping(schedule_state, self.verbose):
+                        break
+                    no_improvement = 0
+            else:
+                if max_iter > 1 and self.tol is not None:
+                    warnings.warn(
+                        f"Maximum number of epochs ({max_iter}) reached before "
+                        "convergence. Consider increasing max_iter.",
+                        ConvergenceWarning,
+                    )
+        finally:
+            if progress is not None:
+                progress.close()
+            self.weights_, self._update_state = engine.get_state()
+        if best_weights is not None:
+            self.weights_ = best_weights
+        self.best_loss_ = best_loss
+        return self
+
+    def _weight_samples(self, y, sample_weight):
+        """Hook for class weights; regression uses sample_weight as is."""
+        return sample_weight
+
+    def _start(self, X, labels, keep_weights):
+        """Build the model and reset the training state (``fit`` or the first
+        ``partial_fit``)."""
+        runtime = getattr(self, "_runtime", None)
+        if runtime is None:
+            self._runtime = runtime = _Runtime()
+        if not keep_weights:
+            runtime.clear()
+            if self.onnx_model is None:
+                dtype = np.float64 if X.dtype == np.float64 else np.float32
+                model = self._default_model(X.shape[1], labels, dtype)
+            else:
+                model = normalise_model(load_onnx(self.onnx_model))
+            onnx_model = OnnxModel(model, self.weights_to_train, self.output_name)
+            runtime.model = onnx_model
+            self.onnx_model_ = onnx_model.model
+            self.trained_output_ = onnx_model.output_name
+            self.weights_to_train_ = list(onnx_model.weight_names)
+            self.dtype_ = onnx_model.dtype
+            self.input_dtype_ = onnx_model.input_dtype
+            self.weights_ = onnx_model.initial_weights()
+            self.label_shape_ = self._probe_label_shape(X, labels)
+        learning_rate = make_learning_rate(self.learning_rate)
+        self._update_state = {
+            w: learning_rate.initial_state(a) for w, a in self.weights_.items()
+        }
+        self._schedule_state = ScheduleState()
+        self._rng = check_random_state(self.random_state)
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.loss_curve_ = []
+        self.validation_scores_ = [] if self.early_stopping else None
+
+    def _probe_label_shape(self, X, labels):
+        """Run the graph on one row to learn the trained output's shape."""
+        out = self._predict_raw(X[:1], self.weights_)
+        label_shape = tuple(out.shape[1:]) if out.ndim > 1 else ()
+        want = labels.shape[1:]
+        if int(np.prod(label_shape)) != int(np.prod(want)):
+            raise ValueError(
+                f"The graph's output {self.trained_output_!r} has shape "
+                f"{('n',) + label_shape} per batch but y has shape "
+                f"{('n',) + tuple(want)}; they must hold the same number of values "
+                "per sample."
+            )
+        return label_shape
+
+    def _model(self):
+        runtime = self._runtime
+        if runtime.model is None:
+            runtime.model = OnnxModel(
+                self.onnx_model_, self.weights_to_train_, self.trained_output_
+            )
+        return runtime.model
+
+    def _problem(self):
+        return TrainingProblem(
+            forward_model=self._model().forward_model(),
+            input_name=self._model().input_name,
+            output_name=self.trained_output_,
+            weight_names=list(self.weights_to_train_),
+            weight_shapes={w: a.shape for w, a in self.weights_.items()},
+            dtype=self.dtype_,
+            input_dtype=self.input_dtype_,
+            label_shape=self.label_shape_,
+            loss=self._make_loss(),
+            penalty=make_penalty(self.penalty, self.alpha, self.l1_ratio),
+            learning_rate=make_learning_rate(self.learning_rate),
+            n_threads=self.n_threads,
+        )
+
+    def _engine(self):
+        runtime = self._runtime
+        key = (
+            self.engine, _params_key(self._make_loss()),
+            _params_key(make_penalty(self.penalty, self.alpha, self.l1_ratio)),
+            _params_key(make_learning_rate(self.learning_rate)), self.n_threads,
+        )
+        if runtime.engine is None or runtime.engine_key != key:
+            problem = self._problem()
+            self._learning_rate = problem.learning_rate
+            runtime.engine = make_engine(self.engine, problem)
+            runtime.engine_key = key
+        self._learning_rate = runtime.engine.problem.learning_rate
+        return runtime.engine
+
+    # -- prediction -----------------------------------------------------------
+    def _predict_raw(self, X, weights):
+        """The trained output for ``X`` (already validated) and ``weights``."""
+        runtime = self._runtime
+        model = self._model()
+        if runtime.predict_session is None:
+            runtime.predict_session = make_session(
+                model.forward_model(), self.n_threads, self.dtype_
+            )
+        feeds = {model.input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
+        feeds.update(weights)
+        return runtime.predict_session.run([self.trained_output_], feeds)[0]
+
+    def _forward(self, X):
+        check_is_fitted(self, "weights_")
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        if getattr(self, "_runtime", None) is None:
+            self._runtime = _Runtime()
+        return self._predict_raw(X, self.weights_)
+
+    def to_onnx(self):
+        """The user's graph (all its outputs) with the trained weights.
+
+        Returns
+        -------
+        onnx.ModelProto
+            ``onnxruntime.InferenceSession`` on it computes what ``predict``
+            does.
+        """
+        check_is_fitted(self, "weights_")
+        return self._model().export(self.weights_)
+
+    # -- pickling ---------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_runtime" in state:
+            state = dict(state)
+            state["_runtime"] = _Runtime()
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = False
+        tags.non_deterministic = False
+        return tags

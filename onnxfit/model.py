@@ -1,0 +1,325 @@
+"""The model graph and its trainable weights.
+
+:class:`OnnxModel` takes whatever the user passed as ``onnx_model`` (a
+``ModelProto``, serialized bytes or a path), brings it within the limits of
+onnxruntime-training 1.19.2 without touching the user's object, finds the
+graph input, the output to train and the weights to train, and gives the
+two views of the graph that training needs:
+
+* :meth:`OnnxModel.forward_model` -- the graph pruned to the trained output,
+  with the trainable weights turned into graph inputs, so that one session
+  can run any weights and gradient builders can differentiate with respect
+  to them;
+* :meth:`OnnxModel.export` -- the user's whole graph (all outputs kept) with
+  trained weights written back into its initializers.
+"""
+
+import os
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+from onnx.utils import Extractor
+
+from .onnx_graphs import (
+    MAX_IR_VERSION,
+    MAX_OPSET,
+    OPSET,
+    numpy_dtype,
+    onnx_elem_type,
+)
+
+
+def load_onnx(onnx_model):
+    """Return a private copy of ``onnx_model`` as a ``ModelProto``.
+
+    Parameters
+    ----------
+    onnx_model : onnx.ModelProto, bytes or path-like
+    """
+    if isinstance(onnx_model, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(onnx_model)
+        return model
+    if isinstance(onnx_model, (bytes, bytearray)):
+        try:
+            return onnx.load_from_string(bytes(onnx_model))
+        except Exception as exc:
+            raise ValueError(f"onnx_model bytes are not an ONNX model: {exc}") from exc
+    if isinstance(onnx_model, (str, os.PathLike)):
+        if not os.path.exists(onnx_model):
+            raise ValueError(f"onnx_model file {os.fspath(onnx_model)!r} does not exist.")
+        try:
+            return onnx.load(os.fspath(onnx_model))
+        except Exception as exc:
+            raise ValueError(
+                f"onnx_model file {os.fspath(onnx_model)!r} is not an ONNX model: {exc}"
+            ) from exc
+    raise TypeError(
+        "onnx_model must be None, an onnx.ModelProto, serialized bytes or a "
+        f"path, not {type(onnx_model).__name__}."
+    )
+
+
+def normalise_model(model):
+    """Bring ``model`` (a private copy) within IR <= 10 and opset <= 21.
+
+    Raises
+    ------
+    ValueError
+        If the default-domain opset cannot be converted down to 21.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > MAX_OPSET:
+        try:
+            model = version_converter.convert_version(model, MAX_OPSET)
+        except Exception as exc:
+            raise ValueError(
+                f"The graph uses opset {opset}; onnxruntime-training 1.19.2 runs "
+                f"opset <= {MAX_OPSET} and onnx could not convert it: {exc}"
+            ) from exc
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ValueError(f"onnx_model is not a valid ONNX graph: {exc}") from exc
+    return model
+
+
+def linear_model(n_features, n_outputs, dtype):
+    """The default model ``X @ coef + intercept`` with zero weights.
+
+    Parameters
+    ----------
+    n_features : int
+    n_outputs : int
+    dtype : numpy dtype (float32 or float64)
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    elem = onnx_elem_type(dtype)
+    coef = numpy_helper.from_array(np.zeros((n_features, n_outputs), dtype=dtype), "coef")
+    intercept = numpy_helper.from_array(np.zeros((n_outputs,), dtype=dtype), "intercept")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "coef"], ["XW"]),
+            helper.make_node("Add", ["XW", "intercept"], ["Y"]),
+        ],
+        "onnxfit_linear",
+        [helper.make_tensor_value_info("X", elem, ["N", n_features])],
+        [helper.make_tensor_value_info("Y", elem, ["N", n_outputs])],
+        [coef, intercept],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def _tensor_elem_type(value_info):
+    if not value_info.type.HasField("tensor_type"):
+        return None
+    return value_info.type.tensor_type.elem_type
+
+
+class OnnxModel:
+    """A user's ONNX graph prepared for training.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Normalised graph (see :func:`normalise_model`); kept as is.
+    weights_to_train : list of str or None
+        Initializers to train; None means every floating-point initializer
+        the trained output depends on.
+    output_name : str or None
+        Output to train; None picks the only output, or the first
+        floating-point tensor output.
+
+    Attributes
+    ----------
+    input_name, output_name : str
+    weight_names : list of str
+        Trainable initializers, in graph order.
+    dtype : numpy dtype
+        Element type of the trained output; labels and updates use it.
+    input_dtype : numpy dtype
+        Element type of the graph input; X is cast to it.
+    """
+
+    def __init__(self, model, weights_to_train=None, output_name=None):
+        self.model = model
+        graph = model.graph
+        init_names = {i.name for i in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in init_names]
+        if len(inputs) != 1:
+            raise ValueError(
+                "onnxfit trains graphs with exactly one input (the features X); "
+                f"this graph has {len(inputs)}: {[i.name for i in inputs]}."
+            )
+        self.input_name = inputs[0].name
+        self.input_dtype = numpy_dtype(_tensor_elem_type(inputs[0]))
+        if self.input_dtype is None:
+            raise ValueError(
+                f"The graph input {self.input_name!r} must be a float or double "
+                "tensor."
+            )
+        self.output_name = self._select_output(output_name)
+        self._forward = self._extract(self.output_name)
+        elem = _tensor_elem_type(
+            next(o for o in self._forward.graph.output if o.name == self.output_name)
+        )
+        self.dtype = numpy_dtype(elem)
+        self.weight_names = self._select_weights(weights_to_train)
+
+    # -- selection -----------------------------------------------------
+    def float_outputs(self):
+        """Names of the graph outputs that are float/double tensors."""
+        return [
+            o.name for o in self.model.graph.output
+            if numpy_dtype(_tensor_elem_type(o)) is not None
+        ]
+
+    def _select_output(self, output_name):
+        outputs = [o.name for o in self.model.graph.output]
+        if output_name is None:
+            if len(outputs) == 1:
+                output_name = outputs[0]
+            else:
+                floats = self.float_outputs()
+                if not floats:
+                    raise ValueError(
+                        f"No output of the graph is a float tensor: {outputs}."
+                    )
+                output_name = floats[0]
+        if output_name not in outputs and output_name not in self._all_values():
+            raise ValueError(
+                f"output_name={output_name!r} is not a value of the graph; "
+                f"its outputs are {outputs}."
+            )
+        return output_name
+
+    def _all_values(self):
+        graph = self.model.graph
+        return {o for n in graph.node for o in n.output}
+
+    def _extract(self, output_name):
+        try:
+            forward = Extractor(self.model).extract_model([self.input_name], [output_name])
+        except Exception as exc:
+            raise ValueError(
+                f"Cannot extract the part of the graph computing {output_name!r}: {exc}"
+            ) from exc
+        out = next(o for o in forward.graph.output if o.name == output_name)
+        if numpy_dtype(_tensor_elem_type(out)) is None:
+            raise ValueError(
+                f"Output {output_name!r} is not a float or double tensor and "
+                "cannot be trained; float tensor outputs are "
+                f"{self.float_outputs()}."
+            )
+        forward.ir_version = self.model.ir_version
+        return forward
+
+    def _select_weights(self, weights_to_train):
+        float_inits = [
+            i.name for i in self._forward.graph.initializer
+            if numpy_dtype(i.data_type) is not None
+        ]
+        all_inits = {i.name: i for i in self.model.graph.initializer}
+        if weights_to_train is None:
+            if not float_inits:
+                ops = sorted({n.op_type for n in self._forward.graph.node})
+                raise ValueError(
+                    f"The graph has no floating-point initializer that {self.output_name!r} "
+                    f"depends on, so nothing can be trained (initializers: {sorted(all_inits)}; "
+                    f"operators: {ops}). Weights stored as node attributes, as in "
+                    "ai.onnx.ml operators, cannot be trained: with skl2onnx, convert "
+                    "linear models with black_op={'LinearRegressor'} or "
+                    "options={'zipmap': False} and MatMul-based operators."
+                )
+            return float_inits
+        if isinstance(weights_to_train, str):
+            weights_to_train = [weights_to_train]
+        names = list(weights_to_train)
+        if not names:
+            raise ValueError(
+                "weights_to_train is empty; trainable initializers are "
+                f"{float_inits}."
+            )
+        unknown = [n for n in names if n not in all_inits]
+        if unknown:
+            raise ValueError(
+                f"weights_to_train names unknown initializers {unknown}; the graph's "
+                f"floating-point initializers are {float_inits}."
+            )
+        not_float = [n for n in names if numpy_dtype(all_inits[n].data_type) is None]
+        if not_float:
+            raise ValueError(
+                f"weights_to_train names non-float initializers {not_float}; only "
+                f"floating-point initializers can be trained: {float_inits}."
+            )
+        unused = [n for n in names if n not in float_inits]
+        if unused:
+            raise ValueError(
+                f"Output {self.output_name!r} does not depend on {unused}; "
+                f"trainable initializers for it are {float_inits}."
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"weights_to_train has duplicates: {names}.")
+        return [n for n in float_inits if n in names]
+
+    # -- views -----------------------------------------------------------
+    def initial_weights(self):
+        """Trainable weights as stored in the graph (name -> new array)."""
+        inits = {i.name: i for i in self._forward.graph.initializer}
+        return {n: numpy_helper.to_array(inits[n]).copy() for n in self.weight_names}
+
+    def forward_model(self):
+        """The pruned graph with the trainable weights as graph inputs.
+
+        Graph inputs are ``[input_name] + weight_names``; the only output is
+        ``output_name``.
+        """
+        model = onnx.ModelProto()
+        model.CopyFrom(self._forward)
+        graph = model.graph
+        keep = []
+        moved = {}
+        for init in graph.initializer:
+            if init.name in self.weight_names:
+                moved[init.name] = helper.make_tensor_value_info(
+                    init.name, init.data_type, list(init.dims)
+                )
+            else:
+                keep.append(init)
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        x_input = next(i for i in graph.input if i.name == self.input_name)
+        del graph.input[:]
+        graph.input.append(x_input)
+        graph.input.extend(moved[n] for n in self.weight_names)
+        return model
+
+    def export(self, weights):
+        """The whole user graph with ``weights`` written into its initializers.
+
+        Parameters
+        ----------
+        weights : dict of str -> ndarray
+
+        Returns
+        -------
+        onnx.ModelProto
+        """
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        for init in model.graph.initializer:
+            if init.name in weights:
+                array = np.asarray(weights[init.name])
+                dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+                init.CopyFrom(numpy_helper.from_array(
+                    array.astype(dtype, copy=False), init.name
+                ))
+        return model

@@ -1,0 +1,158 @@
+"""Small ONNX graphs: the one place where onnxfit writes ONNX by hand.
+
+Losses, penalties and weight updates are written as ``onnx.parser`` text
+(readable, and checked by ``onnx.checker`` like any other model) and turned
+into ``GraphProto`` pieces here.  The engines then either *append* a piece to
+a larger graph (the fused engine) or run it as its own small session (the
+forward-backward engine); both go through the helpers of this module, so each
+piece of math is written exactly once.
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, parser
+
+#: Highest IR version that onnxruntime-training 1.19.2 loads.
+MAX_IR_VERSION = 10
+#: Highest opset of the default domain that onnxruntime-training 1.19.2 runs.
+MAX_OPSET = 21
+#: Opset used for the graphs onnxfit writes itself.
+OPSET = 17
+
+_NUMPY_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+}
+_ONNX_TO_NUMPY = {v: k for k, v in _NUMPY_TO_ONNX.items()}
+_ONNX_TYPE_NAMES = {TensorProto.FLOAT: "float", TensorProto.DOUBLE: "double"}
+
+
+def onnx_elem_type(dtype):
+    """Return the ONNX element type of a floating numpy dtype (float32/64)."""
+    try:
+        return _NUMPY_TO_ONNX[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(
+            f"onnxfit trains float32 or float64 graphs, not {np.dtype(dtype)}."
+        ) from None
+
+
+def numpy_dtype(elem_type):
+    """Return the numpy dtype of an ONNX float element type, or None."""
+    return _ONNX_TO_NUMPY.get(elem_type)
+
+
+def parse_piece(text, dtype, **constants):
+    """Parse one piece of math written in ``onnx.parser`` graph syntax.
+
+    Parameters
+    ----------
+    text : str
+        Graph text.  ``{T}`` stands for the element type (``float`` or
+        ``double``); other ``{name}`` fields are filled from ``constants``.
+    dtype : numpy dtype
+        Element type of the piece.
+    **constants
+        Values substituted in the text (hyperparameters such as a momentum
+        or a Huber threshold), formatted with full precision.
+
+    Returns
+    -------
+    onnx.GraphProto
+    """
+    type_name = _ONNX_TYPE_NAMES[onnx_elem_type(dtype)]
+    fields = {k: repr(float(v)) for k, v in constants.items()}
+    graph = parser.parse_graph(text.format(T=type_name, **fields))
+    return graph
+
+
+def piece_model(graph, opset=OPSET):
+    """Wrap a piece in a ModelProto that onnxruntime-training 1.19.2 loads."""
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)]
+    )
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def existing_names(graph):
+    """All value names defined in ``graph``: inputs, initializers, outputs
+    of nodes."""
+    names = {i.name for i in graph.input}
+    names.update(i.name for i in graph.initializer)
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def append_piece(graph, piece, prefix, inputs=None, outputs=None):
+    """Append the nodes of ``piece`` to ``graph`` in place.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Graph to extend (modified in place: callers pass their own copy).
+    piece : onnx.GraphProto
+        Piece made by :func:`parse_piece`.
+    prefix : str
+        Prefix given to the piece's intermediate names so that several
+        copies of one piece (one per weight, say) never collide.
+    inputs : dict, optional
+        Maps a piece input to a name in ``graph``.  Piece inputs that are
+        not mapped keep their own name: if ``graph`` already defines that
+        name they connect to it, otherwise they become new graph inputs.
+    outputs : dict, optional
+        Maps a piece output to the name it gets in ``graph``.  Unmapped
+        outputs are named ``prefix + name``.
+
+    Returns
+    -------
+    dict
+        Piece output name -> name in ``graph``.
+    """
+    inputs = dict(inputs or {})
+    outputs = dict(outputs or {})
+    defined = existing_names(graph)
+    rename = {}
+    for value in piece.input:
+        target = inputs.get(value.name, value.name)
+        rename[value.name] = target
+        if target not in defined:
+            new_input = graph.input.add()
+            new_input.CopyFrom(value)
+            new_input.name = target
+            defined.add(target)
+    for value in piece.output:
+        rename[value.name] = outputs.get(value.name, prefix + value.name)
+    for init in piece.initializer:
+        rename[init.name] = prefix + init.name
+        new_init = graph.initializer.add()
+        new_init.CopyFrom(init)
+        new_init.name = rename[init.name]
+    for node in piece.node:
+        new_node = graph.node.add()
+        new_node.CopyFrom(node)
+        new_node.name = prefix + (node.name or node.output[0])
+        for seq in (new_node.input, new_node.output):
+            for k, name in enumerate(seq):
+                if name:
+                    seq[k] = rename.setdefault(name, prefix + name)
+    return {v.name: rename[v.name] for v in piece.output}
+
+
+def set_outputs(graph, names_and_types):
+    """Replace the outputs of ``graph`` by ``(name, elem_type, shape)``."""
+    del graph.output[:]
+    for name, elem_type, shape in names_and_types:
+        graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+
+def scalar_input(name, dtype):
+    """Value info of a scalar graph input of ``dtype``."""
+    return helper.make_tensor_value_info(name, onnx_elem_type(dtype), [])
+
+
+def initializer_arrays(graph):
+    """Map initializer name -> numpy array (a copy)."""
+    return {i.name: numpy_helper.to_array(i).copy() for i in graph.initializer}

@@ -1,0 +1,201 @@
+"""OnnxSGDRegressor: train an ONNX regression graph with SGD."""
+
+import numpy as np
+from sklearn.base import RegressorMixin, _fit_context
+from sklearn.metrics import r2_score
+from sklearn.utils._param_validation import Interval, StrOptions
+from numbers import Real
+
+from .estimator import BaseOnnxSGD
+from .losses import REGRESSION_LOSSES, BaseLoss, make_loss
+from .model import linear_model
+
+
+class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
+    """Train an ONNX graph as a regressor with mini-batch SGD.
+
+    Gradients come from the graph itself (onnxruntime-training); the update
+    comes from a learning-rate object.  ``OnnxSGDRegressor()`` alone trains
+    a linear model ``X @ coef + intercept``, like ``SGDRegressor``.
+
+    Parameters
+    ----------
+    onnx_model : onnx.ModelProto, bytes, str or path-like, default=None
+        Graph to train, with one input and a float output.  None builds a
+        linear model with one output per target column at ``fit`` time, in
+        float64 if X is float64, else float32.
+    weights_to_train : list of str, default=None
+        Initializers to train; None trains every floating-point initializer
+        the trained output depends on.  Others stay frozen.
+    output_name : str, default=None
+        Output to train when the graph has several; None takes the only
+        output or the first float one.
+    learning_rate : 'sgd', 'nesterov' or BaseLearningRate, default='sgd'
+        Update rule and schedule.  ``'sgd'`` is ``LearningRateSGD()``
+        (``eta0=0.01``, invscaling), ``'nesterov'`` is
+        ``LearningRateSGDNesterov()``.  Pass an object to search its
+        parameters (``learning_rate__eta0``) with ``GridSearchCV``.
+    loss : str or BaseLoss, default='squared_error'
+        ``'squared_error'``, ``'absolute_error'``, ``'huber'``,
+        ``'epsilon_insensitive'``, ``'squared_epsilon_insensitive'``,
+        ``'elastic'`` or a loss object.
+    penalty : {'l2', 'l1', 'elasticnet'}, None or ElasticNetPenalty, default='l2'
+        Applied to weight tensors of rank >= 2 (not biases).
+    alpha : float, default=1e-4
+        Penalty strength.
+    l1_ratio : float, default=0.15
+        L1 share of the ``'elasticnet'`` penalty.
+    epsilon : float, default=0.1
+        Threshold of the ``huber`` and ``epsilon_insensitive`` losses.
+    batch_size : int, default=32
+        Samples per update (capped at the number of samples).
+    max_iter : int, default=1000
+        Maximum number of epochs.
+    tol : float or None, default=1e-3
+        Training stops when the loss (or the validation score with early
+        stopping) has not improved by ``tol`` for ``n_iter_no_change``
+        epochs.  None disables the criterion.
+    n_iter_no_change : int, default=5
+    shuffle : bool, default=True
+        Shuffle the samples at each epoch.
+    random_state : int, RandomState or None, default=None
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the data, stop on its R²,
+        and keep the weights of the best epoch.
+    validation_fraction : float, default=0.1
+    warm_start : bool, default=False
+        ``fit`` starts from the weights of the previous fit.
+    verbose : int, default=0
+        Show a progress bar with the current loss.
+    engine : {'fused', 'forward_backward'}, default='fused'
+        How a training step runs (see :mod:`onnxfit.engines`).
+    n_threads : int, default=1
+        onnxruntime intra-op threads.  One thread is the robust choice on
+        small machines; two help large layers on an otherwise idle machine.
+
+    Attributes
+    ----------
+    onnx_model_ : onnx.ModelProto
+        The graph, normalised for onnxruntime-training (IR <= 10, opset <= 21).
+    weights_ : dict of str -> ndarray
+        Trained weights.
+    weights_to_train_ : list of str
+    trained_output_ : str
+    loss_curve_ : list of float
+        Mean training objective (loss + penalty) per epoch.
+    validation_scores_ : list of float or None
+        R² on the validation set per epoch, with early stopping.
+    n_iter_ : int
+        Epochs run by the last ``fit`` (or accumulated by ``partial_fit``).
+    t_ : int
+        Weight updates (mini-batches) done.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Defined when X has feature names.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from onnxfit import OnnxSGDRegressor
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> model = make_pipeline(StandardScaler(), OnnxSGDRegressor(random_state=0))
+    >>> model.fit(X, y).score(X, y) > 0.4
+    True
+    """
+
+    _parameter_constraints = {
+        **BaseOnnxSGD._parameter_constraints,
+        "loss": [StrOptions(set(REGRESSION_LOSSES)), BaseLoss],
+        "epsilon": [Interval(Real, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self, onnx_model=None, *, weights_to_train=None, output_name=None,
+        learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
+        l1_ratio=0.15, epsilon=0.1, batch_size=32, max_iter=1000, tol=1e-3,
+        n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
+        validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
+        n_threads=1,
+    ):
+        self.onnx_model = onnx_model
+        self.weights_to_train = weights_to_train
+        self.output_name = output_name
+        self.learning_rate = learning_rate
+        self.loss = loss
+        self.penalty = penalty
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.epsilon = epsilon
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.engine = engine
+        self.n_threads = n_threads
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, sample_weight=None):
+        """Run one epoch over ``(X, y)``, continuing from the current state.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
+        """
+        return self._partial_fit(X, y, sample_weight, max_iter=1, reset=False)
+
+    def predict(self, X):
+        """Predict with the trained graph.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_outputs), float64
+        """
+        out = self._forward(X)
+        n = out.shape[0]
+        if self._y_ndim == 1:
+            return out.reshape(n).astype(np.float64)
+        return out.reshape(n, -1).astype(np.float64)
+
+    def _make_loss(self):
+        return make_loss(self.loss, REGRESSION_LOSSES, epsilon=self.epsilon)
+
+    def _validate_targets(self, y, reset, classes=None):
+        y = np.asarray(y, dtype=np.float64)
+        if reset:
+            self._y_ndim = y.ndim
+        elif y.ndim != self._y_ndim and not (y.ndim == 2 and y.shape[1] == 1):
+            raise ValueError(
+                f"y has {y.ndim} dimensions but the estimator was fitted on "
+                f"{self._y_ndim}-dimensional targets."
+            )
+        return y.reshape(len(y), -1)
+
+    def _default_model(self, n_features, labels, dtype):
+        return linear_model(n_features, labels.shape[1], dtype)
+
+    def _validation_score(self, X, y, weights):
+        pred = self._predict_raw(X, weights).reshape(len(X), -1)
+        return r2_score(y.reshape(len(y), -1), pred)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

@@ -1,0 +1,5 @@
+"""Packaging is declared in setup.cfg."""
+
+from setuptools import setup
+
+setup()
