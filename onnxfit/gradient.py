@@ -122,6 +122,12 @@ def build_gradient_model(model, loss_name, wrt_names):
         raise ValueError(_explain_gradient_failure(model, exc)) from exc
     result = onnx.load_from_string(builder.get_model())
     result.ir_version = model.ir_version
+    if builder_loss != loss_name:
+        # Report the float64 loss itself: its float32 cast, which only seeds
+        # the backward pass, overflows long before float64 does.
+        loss_out = next(o for o in result.graph.output if o.name == builder_loss)
+        loss_out.name = loss_name
+        loss_out.type.tensor_type.elem_type = TensorProto.DOUBLE
     return result
 
 

@@ -97,7 +97,7 @@ def build_fused_model(problem):
     objective = add_loss_and_penalty(problem.forward_model, problem)
     model = build_gradient_model(objective, LOSS, problem.weight_names)
     graph = model.graph
-    loss_output = next(o for o in graph.output if o.name.startswith(LOSS))
+    loss_output = next(o for o in graph.output if o.name == LOSS)
     graph.input.append(scalar_input(LEARNING_RATE, problem.dtype))
     outputs = [loss_output]
     piece = problem.learning_rate.update_piece(problem.dtype)
