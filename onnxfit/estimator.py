@@ -139,11 +139,13 @@ class BaseOnnxSGD(BaseEstimator):
             dtype=[np.float64, np.float32], multi_output=True,
             y_numeric=self._y_numeric,
         )
+        uniform = sample_weight is None
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
         labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
         sample_weight = self._weight_samples(y, sample_weight)
+        uniform = uniform and bool(np.all(sample_weight == 1))
         if reset or first_call:
             self._start(X, labels, keep_weights=keep_weights and not first_call)
         label_shape = self.label_shape_
@@ -183,7 +185,9 @@ class BaseOnnxSGD(BaseEstimator):
             for _ in range(max_iter):
                 order = rng.permutation(len(X)) if self.shuffle else np.arange(len(X))
                 rates = learning_rate.rates(schedule_state, n_batches)
-                loss = engine.run_epoch(X, labels, sample_weight, order, batch_size, rates)
+                loss = engine.run_epoch(
+                    X, labels, None if uniform else sample_weight, order, batch_size, rates
+                )
                 self.n_iter_ += 1
                 self.t_ += n_batches
                 if not np.isfinite(loss):

@@ -105,14 +105,28 @@ class BatchBuffers:
         problem = self.problem
         self.X = np.empty((self.size, n_features), dtype=problem.input_dtype)
         self.label = np.empty((self.size,) + tuple(problem.label_shape), dtype=problem.dtype)
-        self.sample_weight = np.empty((self.size,), dtype=problem.dtype)
+        self.sample_weight = np.ones((self.size,), dtype=problem.dtype)
+        self.uniform_weights = True
 
     def gather(self, X, label, sample_weight, indices):
-        # mode="clip" avoids numpy's extra buffering of mode="raise"; the
-        # indices come from a permutation, so they are always in range.
-        np.take(X, indices, axis=0, out=self.X, mode="clip")
-        np.take(label, indices, axis=0, out=self.label, mode="clip")
-        np.take(sample_weight, indices, axis=0, out=self.sample_weight, mode="clip")
+        """Copy the rows ``indices`` into the buffers.
+
+        ``sample_weight=None`` means uniform weights: the buffer is filled
+        with ones once instead of being gathered at every step.
+        """
+        # mode="clip" avoids numpy's extra buffering of mode="raise" (the
+        # indices come from a permutation, so they are always in range); the
+        # ndarray method skips np.take's Python wrapper, which costs about as
+        # much as gathering a small batch.
+        X.take(indices, axis=0, out=self.X, mode="clip")
+        label.take(indices, axis=0, out=self.label, mode="clip")
+        if sample_weight is None:
+            if not self.uniform_weights:
+                self.sample_weight.fill(1)
+                self.uniform_weights = True
+        else:
+            sample_weight.take(indices, axis=0, out=self.sample_weight, mode="clip")
+            self.uniform_weights = False
 
 
 class BaseEngine:
@@ -149,7 +163,8 @@ class BaseEngine:
         ----------
         X : ndarray of shape (n_samples, n_features), input dtype, C-contiguous
         label : ndarray of shape (n_samples,) + label_shape
-        sample_weight : ndarray of shape (n_samples,)
+        sample_weight : ndarray of shape (n_samples,) or None
+            None means uniform weights.
         order : ndarray of int
             Sample indices in the order of this epoch.
         batch_size : int
