@@ -39,6 +39,7 @@ class _Runtime:
     def clear(self):
         self.model = None
         self.predict_session = None
+        self.export_session = None
         self.engine = None
         self.engine_key = None
 
@@ -229,6 +230,7 @@ class BaseOnnxSGD(BaseEstimator):
             if progress is not None:
                 progress.close()
             self.weights_, self._update_state = engine.get_state()
+            self._runtime.export_session = None
         if best_weights is not None:
             self.weights_ = best_weights
         self.best_loss_ = best_loss
@@ -337,12 +339,26 @@ class BaseOnnxSGD(BaseEstimator):
         feeds.update(weights)
         return runtime.predict_session.run([self.trained_output_], feeds)[0]
 
-    def _forward(self, X):
+    def _forward(self, X, output_names=None):
+        """Run the exported graph (see :meth:`to_onnx`) on validated ``X``.
+
+        Predictions come from the very graph ``to_onnx`` returns, so that an
+        ``InferenceSession`` on the export reproduces them exactly.
+
+        Returns
+        -------
+        ndarray or list of ndarray
+            The trained output, or the outputs named in ``output_names``.
+        """
         check_is_fitted(self, "weights_")
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        if getattr(self, "_runtime", None) is None:
-            self._runtime = _Runtime()
-        return self._predict_raw(X, self.weights_)
+        runtime = self._runtime
+        if runtime.export_session is None:
+            runtime.export_session = make_session(self.to_onnx(), self.n_threads, self.dtype_)
+        feeds = {self._model().input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
+        if output_names is None:
+            return runtime.export_session.run([self.trained_output_], feeds)[0]
+        return runtime.export_session.run(list(output_names), feeds)
 
     def to_onnx(self):
         """The user's graph (all its outputs) with the trained weights.
