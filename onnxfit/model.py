@@ -80,11 +80,34 @@ def normalise_model(model):
             ) from exc
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
+    _free_batch_dimension(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ValueError(f"onnx_model is not a valid ONNX graph: {exc}") from exc
     return model
+
+
+def _free_batch_dimension(model):
+    """Make a fixed first dimension of the graph's data input and outputs
+    symbolic.
+
+    ``torch.onnx.export`` without ``dynamic_axes`` fixes the batch size to
+    the example's (often 1); training feeds mini-batches, so the first
+    dimension of the (non-initializer) inputs and of the outputs becomes
+    ``"N"``.  Reshapes inside the graph that hard-code the batch size are
+    not rewritten: such graphs still fail, with onnxruntime's message.
+    """
+    graph = model.graph
+    init_names = {i.name for i in graph.initializer}
+    values = [v for v in graph.input if v.name not in init_names] + list(graph.output)
+    for value in values:
+        if not value.type.HasField("tensor_type"):
+            continue
+        shape = value.type.tensor_type.shape
+        if len(shape.dim) >= 1 and shape.dim[0].HasField("dim_value"):
+            shape.dim[0].Clear()
+            shape.dim[0].dim_param = "N"
 
 
 def linear_model(n_features, n_outputs, dtype):
