@@ -4,6 +4,7 @@ Gradients come from onnxruntime-training, computed from the graph itself;
 updates come from pluggable learning-rate objects.
 """
 
+from .function import OnnxFunction
 from .learning_rate import BaseLearningRate, LearningRateSGD, LearningRateSGDNesterov
 from .losses import (
     AbsoluteLoss,
@@ -32,4 +33,5 @@ __all__ = [
     "SquaredEpsilonInsensitiveLoss",
     "ElasticLoss",
     "ElasticNetPenalty",
+    "OnnxFunction",
 ]

@@ -2,14 +2,16 @@
 
 * :class:`~onnxfit.engines.fused.FusedEngine` (``engine='fused'``): one
   onnxruntime graph computes forward, loss, gradients and the update.
-* ``engine='forward_backward'``: the model's forward and backward, the loss,
-  the penalty and the update run as separate graphs.
+* :class:`~onnxfit.engines.forward_backward.ForwardBackwardEngine`
+  (``engine='forward_backward'``): the model's forward and backward, the
+  loss, the penalty and the update run as separate graphs.
 """
 
 from .base import BaseEngine, TrainingProblem
+from .forward_backward import ForwardBackwardEngine
 from .fused import FusedEngine
 
-ENGINES = {"fused": FusedEngine}
+ENGINES = {"fused": FusedEngine, "forward_backward": ForwardBackwardEngine}
 
 
 def make_engine(name, problem):
@@ -19,4 +21,7 @@ def make_engine(name, problem):
     return ENGINES[name](problem)
 
 
-__all__ = ["BaseEngine", "TrainingProblem", "FusedEngine", "make_engine", "ENGINES"]
+__all__ = [
+    "BaseEngine", "TrainingProblem", "FusedEngine", "ForwardBackwardEngine", "make_engine",
+    "ENGINES",
+]

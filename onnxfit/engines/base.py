@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import helper
+
+from ..onnx_graphs import append_piece, onnx_elem_type, scalar_input
 
 
 @dataclass
@@ -85,6 +88,102 @@ def new_name(name):
     return f"{name}.new"
 
 
+def set_input_shape(graph, name, dtype, shape):
+    """Give the graph input ``name`` the element type ``dtype`` and ``shape``."""
+    for value in graph.input:
+        if value.name == name:
+            value.CopyFrom(helper.make_tensor_value_info(name, onnx_elem_type(dtype), shape))
+
+
+def append_penalties(graph, problem, loss, objective):
+    """Append the penalty of each penalized weight and their sum with ``loss``.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Modified in place; penalized weights it does not define become
+        inputs (of unknown shape).
+    problem : TrainingProblem
+    loss : str
+        Name of the scalar data loss in ``graph``.
+    objective : str
+        Name given to ``loss + penalties``.
+    """
+    terms = [loss]
+    for weight in problem.penalized:
+        out = append_piece(
+            graph,
+            problem.penalty.piece(problem.dtype),
+            prefix=f"onnxfit.penalty.{weight}.",
+            inputs={"weight": weight},
+        )["penalty"]
+        terms.append(out)
+    # A chain of Add: onnxruntime-training has no gradient for Sum.
+    total = terms[0]
+    for k, term in enumerate(terms[1:]):
+        out = objective if k == len(terms) - 2 else f"onnxfit.objective.{k}"
+        graph.node.append(helper.make_node("Add", [total, term], [out]))
+        total = out
+    if len(terms) == 1:
+        graph.node.append(helper.make_node("Identity", [total], [objective]))
+
+
+def append_updates(graph, problem, gradients):
+    """Append one copy of the update rule per weight.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Modified in place.  The scalar input ``LEARNING_RATE`` is added;
+        weights, gradients and state tensors it does not define become
+        inputs of the weight's shape.
+    problem : TrainingProblem
+    gradients : dict of str -> str
+        Weight -> name of its gradient in ``graph``.
+
+    Returns
+    -------
+    list of onnx.ValueInfoProto
+        The outputs ``<weight>.new`` and ``<weight>.<state>.new``, weight by
+        weight.
+    """
+    graph.input.append(scalar_input(LEARNING_RATE, problem.dtype))
+    outputs = []
+    piece = problem.learning_rate.update_piece(problem.dtype)
+    elem = onnx_elem_type(problem.dtype)
+    for weight in problem.weight_names:
+        mapping = {
+            "weight": weight,
+            "gradient": gradients[weight],
+            "learning_rate": LEARNING_RATE,
+        }
+        out_names = {"new_weight": new_name(weight)}
+        for state in problem.state_names:
+            mapping[state] = state_value_name(weight, state)
+            out_names["new_" + state] = new_name(state_value_name(weight, state))
+        append_piece(graph, piece, f"onnxfit.update.{weight}.", mapping, out_names)
+        shape = list(problem.weight_shapes[weight])
+        for name in out_names.values():
+            outputs.append(helper.make_tensor_value_info(name, elem, shape))
+        for value in graph.input:
+            if value.name in mapping.values() and value.name != LEARNING_RATE:
+                if not value.type.tensor_type.HasField("shape"):
+                    set_input_shape(graph, value.name, problem.dtype, shape)
+    return outputs
+
+
+def bind_output_array(binding, name, array):
+    """Bind the output ``name`` of an IO binding to ``array``'s memory."""
+    binding.bind_output(
+        name,
+        device_type="cpu",
+        device_id=0,
+        element_type=array.dtype,
+        shape=array.shape,
+        buffer_ptr=array.ctypes.data,
+    )
+
+
 class BatchBuffers:
     """Fixed, pre-allocated buffers for one batch size.
 
@@ -140,6 +239,22 @@ class BaseEngine:
     def __init__(self, problem):
         self.problem = problem
         self._buffers = {}
+        # Two sets of weights/state buffers: a step reads set ``_parity`` and
+        # writes the other one.  Writing in place would be wrong, since
+        # onnxruntime may update a weight before a backward node that still
+        # reads the old value.
+        self._sets = [self._empty_set(), self._empty_set()]
+        self._parity = 0
+
+    def _empty_set(self):
+        problem = self.problem
+        values = {}
+        for weight in problem.weight_names:
+            shape = problem.weight_shapes[weight]
+            values[weight] = np.zeros(shape, dtype=problem.dtype)
+            for state in problem.state_names:
+                values[state_value_name(weight, state)] = np.zeros(shape, dtype=problem.dtype)
+        return values
 
     def set_state(self, weights, states):
         """Copy weights and update-rule state into the engine.
@@ -150,11 +265,26 @@ class BaseEngine:
         states : dict of str -> dict of str -> ndarray
             ``states[weight][state_name]``.
         """
-        raise NotImplementedError
+        current = self._sets[0]
+        for weight in self.problem.weight_names:
+            np.copyto(current[weight], weights[weight], casting="same_kind")
+            for state in self.problem.state_names:
+                np.copyto(
+                    current[state_value_name(weight, state)],
+                    states[weight][state],
+                    casting="same_kind",
+                )
+        self._parity = 0
 
     def get_state(self):
         """Copies of the current weights and update-rule state."""
-        raise NotImplementedError
+        current = self._sets[self._parity]
+        weights = {w: current[w].copy() for w in self.problem.weight_names}
+        states = {
+            w: {s: current[state_value_name(w, s)].copy() for s in self.problem.state_names}
+            for w in self.problem.weight_names
+        }
+        return weights, states
 
     def run_epoch(self, X, label, sample_weight, order, batch_size, rates):
         """Run one pass of mini-batch updates.

@@ -19,15 +19,18 @@ import onnx
 from onnx import helper
 
 from ..gradient import build_gradient_model, gradient_name, make_session
-from ..onnx_graphs import append_piece, onnx_elem_type, scalar_input
+from ..onnx_graphs import append_piece, onnx_elem_type
 from .base import (
     LABEL,
     LEARNING_RATE,
     LOSS,
     SAMPLE_WEIGHT,
     BaseEngine,
+    append_penalties,
+    append_updates,
+    bind_output_array,
     new_name,
-    state_value_name,
+    set_input_shape,
 )
 
 
@@ -55,37 +58,12 @@ def add_loss_and_penalty(model, problem):
             "sample_weight": SAMPLE_WEIGHT,
         },
     )["loss"]
-    terms = [loss_out]
-    for weight in problem.penalized:
-        out = append_piece(
-            graph,
-            problem.penalty.piece(dtype),
-            prefix=f"onnxfit.penalty.{weight}.",
-            inputs={"weight": weight},
-        )["penalty"]
-        terms.append(out)
-    # A chain of Add: onnxruntime-training has no gradient for Sum.
-    total = terms[0]
-    for k, term in enumerate(terms[1:]):
-        out = LOSS if k == len(terms) - 2 else f"onnxfit.objective.{k}"
-        graph.node.append(helper.make_node("Add", [total, term], [out]))
-        total = out
-    if len(terms) == 1:
-        graph.node.append(helper.make_node("Identity", [total], [LOSS]))
+    append_penalties(graph, problem, loss_out, LOSS)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(LOSS, elem, []))
-    _fix_label_shape(graph, problem)
+    # The label has the model output's shape (batch dim symbolic).
+    set_input_shape(graph, LABEL, dtype, ["N"] + list(problem.label_shape))
     return full
-
-
-def _fix_label_shape(graph, problem):
-    """Give the label input the model output's shape (batch dim symbolic)."""
-    for value in graph.input:
-        if value.name == LABEL:
-            shape = ["N"] + list(problem.label_shape)
-            value.CopyFrom(
-                helper.make_tensor_value_info(LABEL, onnx_elem_type(problem.dtype), shape)
-            )
 
 
 def build_fused_model(problem):
@@ -98,28 +76,8 @@ def build_fused_model(problem):
     model = build_gradient_model(objective, LOSS, problem.weight_names)
     graph = model.graph
     loss_output = next(o for o in graph.output if o.name == LOSS)
-    graph.input.append(scalar_input(LEARNING_RATE, problem.dtype))
-    outputs = [loss_output]
-    piece = problem.learning_rate.update_piece(problem.dtype)
-    elem = onnx_elem_type(problem.dtype)
-    for weight in problem.weight_names:
-        mapping = {
-            "weight": weight,
-            "gradient": gradient_name(weight),
-            "learning_rate": LEARNING_RATE,
-        }
-        out_names = {"new_weight": new_name(weight)}
-        for state in problem.state_names:
-            mapping[state] = state_value_name(weight, state)
-            out_names["new_" + state] = new_name(state_value_name(weight, state))
-        append_piece(graph, piece, f"onnxfit.update.{weight}.", mapping, out_names)
-        shape = list(problem.weight_shapes[weight])
-        for name in out_names.values():
-            outputs.append(helper.make_tensor_value_info(name, elem, shape))
-        for state in problem.state_names:
-            for value in graph.input:
-                if value.name == state_value_name(weight, state):
-                    value.CopyFrom(helper.make_tensor_value_info(value.name, elem, shape))
+    gradients = {weight: gradient_name(weight) for weight in problem.weight_names}
+    outputs = [loss_output] + append_updates(graph, problem, gradients)
     del graph.output[:]
     graph.output.extend(outputs)
     onnx.checker.check_model(model)
@@ -146,40 +104,6 @@ class FusedEngine(BaseEngine):
 
         self._loss = np.zeros((), dtype=numpy_dtype(loss_out.type.tensor_type.elem_type))
         self._rate = np.zeros((), dtype=problem.dtype)
-        # Two sets of weights/state buffers: a step reads one, writes the other.
-        self._sets = [self._empty_set(), self._empty_set()]
-        self._parity = 0
-
-    def _empty_set(self):
-        problem = self.problem
-        values = {}
-        for weight in problem.weight_names:
-            shape = problem.weight_shapes[weight]
-            values[weight] = np.zeros(shape, dtype=problem.dtype)
-            for state in problem.state_names:
-                values[state_value_name(weight, state)] = np.zeros(shape, dtype=problem.dtype)
-        return values
-
-    def set_state(self, weights, states):
-        current = self._sets[0]
-        for weight in self.problem.weight_names:
-            np.copyto(current[weight], weights[weight], casting="same_kind")
-            for state in self.problem.state_names:
-                np.copyto(
-                    current[state_value_name(weight, state)],
-                    states[weight][state],
-                    casting="same_kind",
-                )
-        self._parity = 0
-
-    def get_state(self):
-        current = self._sets[self._parity]
-        weights = {w: current[w].copy() for w in self.problem.weight_names}
-        states = {
-            w: {s: current[state_value_name(w, s)].copy() for s in self.problem.state_names}
-            for w in self.problem.weight_names
-        }
-        return weights, states
 
     def _bind_batch(self, buffers):
         problem = self.problem
@@ -193,9 +117,9 @@ class FusedEngine(BaseEngine):
             binding.bind_cpu_input(LEARNING_RATE, self._rate)
             for name, array in source.items():
                 binding.bind_cpu_input(name, array)
-            _bind_output_array(binding, self._loss_name, self._loss)
+            bind_output_array(binding, self._loss_name, self._loss)
             for name, array in target.items():
-                _bind_output_array(binding, new_name(name), array)
+                bind_output_array(binding, new_name(name), array)
             buffers.bindings.append(binding)
 
     def run_epoch(self, X, label, sample_weight, order, batch_size, rates):
@@ -212,14 +136,3 @@ class FusedEngine(BaseEngine):
             self._parity ^= 1
             total += float(self._loss) * len(indices)
         return total / n
-
-
-def _bind_output_array(binding, name, array):
-    binding.bind_output(
-        name,
-        device_type="cpu",
-        device_id=0,
-        element_type=array.dtype,
-        shape=array.shape,
-        buffer_ptr=array.ctypes.data,
-    )

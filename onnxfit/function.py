@@ -1,0 +1,442 @@
+"""An ONNX graph as a differentiable function: forward, then backward.
+
+:class:`OnnxFunction` runs a graph's forward pass and, on request, the
+backward pass of that same run: given dL/dY it returns dL/d(weights) (and
+dL/dX).  The loss, the update rule and the loop stay in the caller's hands,
+so the function can sit inside a hand-written training loop or inside
+another framework's automatic differentiation.  It is built on
+onnxruntime-training's ``OrtModuleGraphBuilder`` and ``TrainingAgent``
+(see :mod:`onnxfit.gradient`); the forward-backward training engine
+(:mod:`onnxfit.engines.forward_backward`) runs the same objects.
+
+Building a model's gradient graph and its session takes milliseconds to
+seconds, so built gradients are kept in a small process-wide cache,
+:data:`model_gradient_cache`: functions and engines built on the same graph
+with the same weights share one (when ``GridSearchCV`` tries several
+losses, penalties or learning rates on one model, say).
+
+Examples
+--------
+A few steps of plain gradient descent on a linear model, with the squared
+error written in numpy:
+
+>>> import numpy as np
+>>> from onnxfit.function import OnnxFunction
+>>> from onnxfit.model import linear_model
+>>> f = OnnxFunction(linear_model(3, 1, np.float32))
+>>> rng = np.random.default_rng(0)
+>>> X = rng.normal(size=(64, 3)).astype(np.float32)
+>>> t = X @ np.array([[1.0], [-2.0], [0.5]], dtype=np.float32)
+>>> w = f.initial_weights()
+>>> for _ in range(200):
+...     y = f.forward(X, w)
+...     grads = f.backward((y - t) / len(X))
+...     w = {k: w[k] - 0.2 * grads[k] for k in w}
+>>> bool(np.abs(f.forward(X, w, keep_for_backward=False) - t).max() < 1e-3)
+True
+"""
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .gradient import (
+    TrainingAgentRunner,
+    as_ortvalue,
+    build_module_gradient,
+    is_ortvalue,
+    new_ortvalue_vector,
+    ortvalue_dtype,
+    ortvalue_vector,
+    public_ortvalue,
+)
+from .model import OnnxModel, load_onnx, normalise_model
+
+__all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
+
+
+class ModelGradientCache:
+    """A bounded process-wide cache of built model gradients.
+
+    An entry is a :class:`onnxfit.gradient.TrainingAgentRunner`: a model's
+    forward/backward gradient graph with its onnxruntime session and
+    training agent.  Runners hold no per-call state, so one entry serves
+    any number of :class:`OnnxFunction` objects and training engines at
+    once.
+
+    The key is the serialized forward model (which fixes the element type),
+    the weights differentiated (and their order), the inputs whose gradient
+    is returned and the number of threads.  The least recently used entry
+    is dropped beyond ``maxsize`` entries.  The cache lives in one process:
+    ``GridSearchCV`` with process-based ``n_jobs`` fills one per worker.
+
+    Parameters
+    ----------
+    maxsize : int, default=8
+
+    Attributes
+    ----------
+    builds : int
+        Gradient graphs built so far (cache misses).
+    hits : int
+        Requests answered from the cache.
+    """
+
+    def __init__(self, maxsize=8):
+        self.maxsize = int(maxsize)
+        self.builds = 0
+        self.hits = 0
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=1):
+        """The runner of ``forward_model``'s gradient, built on first use.
+
+        Parameters
+        ----------
+        forward_model : onnx.ModelProto
+            Graph whose weights are initializers or graph inputs of static
+            shape (as :meth:`onnxfit.model.OnnxModel.forward_model` gives).
+        weight_names : list of str
+            Weights to differentiate, in call order.
+        input_names_with_gradient : sequence of str, default=()
+        n_threads : int, default=1
+
+        Returns
+        -------
+        onnxfit.gradient.TrainingAgentRunner
+        """
+        digest = hashlib.sha256(forward_model.SerializeToString()).hexdigest()
+        key = (digest, tuple(weight_names), tuple(input_names_with_gradient), int(n_threads))
+        with self._lock:
+            runner = self._entries.get(key)
+            if runner is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return runner
+            graph = build_module_gradient(
+                forward_model, list(weight_names), list(input_names_with_gradient)
+            )
+            runner = TrainingAgentRunner(graph, n_threads)
+            self.builds += 1
+            self._entries[key] = runner
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+            return runner
+
+    def clear(self):
+        """Drop every entry (the counters are kept)."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self):
+        return len(self._entries)
+
+
+#: The cache used by :class:`OnnxFunction` and the forward-backward engine.
+model_gradient_cache = ModelGradientCache()
+
+
+class ForwardContext:
+    """What a backward pass needs from its forward pass.
+
+    Returned by ``OnnxFunction.forward(..., return_context=True)`` and
+    consumed by :meth:`OnnxFunction.backward`.  It keeps the inputs and
+    weights of the forward run alive: onnxruntime reads them again during
+    the backward pass, so they must not be modified in between.
+
+    Attributes
+    ----------
+    output_shape : tuple of int
+    consumed : bool
+        Whether the backward pass of this forward run already ran (it can
+        run only once).
+    """
+
+    def __init__(self, state, inputs, kept, output_shape, weights_as_dict):
+        self._state = state
+        self._inputs = inputs
+        self._kept = kept
+        self.output_shape = output_shape
+        self._weights_as_dict = weights_as_dict
+        self.consumed = False
+
+    def _release(self):
+        self.consumed = True
+        self._state = self._inputs = self._kept = None
+
+
+class OnnxFunction:
+    """An ONNX graph as a differentiable function ``Y = f(X; weights)``.
+
+    :meth:`forward` computes ``Y`` and keeps what the backward pass needs;
+    :meth:`backward` turns dL/dY into dL/d(weights), and dL/dX on request.
+    Arrays and OrtValues are both accepted: results are OrtValues when the
+    main argument (``X``, ``output_gradient``) is one, numpy arrays
+    otherwise.  Numpy results share onnxruntime's memory (no copy) and stay
+    valid after later calls.
+
+    Parameters
+    ----------
+    onnx_model : onnx.ModelProto, bytes or path-like
+        Graph with one input; it is copied and brought within what
+        onnxruntime-training 1.19.2 runs (IR <= 10, opset <= 21).
+    weights_to_train : list of str, default=None
+        Initializers to differentiate with respect to; None means every
+        floating-point initializer the output depends on.  Others stay
+        constant, with their values in the graph.
+    output_name : str, default=None
+        Output to compute; None takes the only output or the first float
+        one.
+    input_gradient : bool, default=False
+        Also build dL/dX (see ``return_input_gradient`` of
+        :meth:`backward`).
+    n_threads : int, default=1
+        onnxruntime intra-op threads.
+
+    Attributes
+    ----------
+    input_name, output_name : str
+    weight_names : list of str
+        The weights, in the order of list arguments and results.
+    weight_shapes : dict of str -> tuple
+    dtype : numpy dtype
+        Element type of the output, the weights and the gradients.
+    input_dtype : numpy dtype
+        Element type of ``X``.
+
+    Notes
+    -----
+    The inputs and weights given to :meth:`forward` are shared with
+    onnxruntime, not copied, and read again by :meth:`backward`: do not
+    modify them in between (write updated weights into new arrays, or into
+    a second set of buffers, as the training engines do).
+
+    A function pickles as its graph and parameters; onnxruntime objects are
+    rebuilt (or taken from :data:`model_gradient_cache`) when it is loaded.
+    A forward pass still waiting for its backward pass is not pickled.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from onnxfit.function import OnnxFunction
+    >>> from onnxfit.model import linear_model
+    >>> f = OnnxFunction(linear_model(2, 1, np.float32))
+    >>> X = np.array([[1.0, 2.0]], dtype=np.float32)
+    >>> w = {"coef": np.array([[3.0], [4.0]], np.float32),
+    ...      "intercept": np.array([1.0], np.float32)}
+    >>> f.forward(X, w)
+    array([[12.]], dtype=float32)
+    >>> grads = f.backward(np.ones((1, 1), np.float32))
+    >>> grads["coef"].ravel(), grads["intercept"]
+    (array([1., 2.], dtype=float32), array([1.], dtype=float32))
+    """
+
+    def __init__(
+        self, onnx_model, weights_to_train=None, output_name=None, input_gradient=False,
+        n_threads=1,
+    ):
+        model = normalise_model(load_onnx(onnx_model))
+        self._model = OnnxModel(model, weights_to_train, output_name)
+        self.input_name = self._model.input_name
+        self.output_name = self._model.output_name
+        self.weight_names = list(self._model.weight_names)
+        self.dtype = np.dtype(self._model.dtype)
+        self.input_dtype = np.dtype(self._model.input_dtype)
+        self.input_gradient = bool(input_gradient)
+        self.n_threads = int(n_threads)
+        forward_model = self._model.forward_model()
+        graph_inputs = {v.name: v for v in forward_model.graph.input}
+        self.weight_shapes = {
+            name: tuple(d.dim_value for d in graph_inputs[name].type.tensor_type.shape.dim)
+            for name in self.weight_names
+        }
+        self._input_shape = tuple(
+            d.dim_value if d.HasField("dim_value") else None
+            for d in graph_inputs[self.input_name].type.tensor_type.shape.dim
+        ) if graph_inputs[self.input_name].type.tensor_type.HasField("shape") else None
+        self._runner = model_gradient_cache.get(
+            forward_model,
+            self.weight_names,
+            [self.input_name] if self.input_gradient else (),
+            self.n_threads,
+        )
+        graph = self._runner.graph
+        backward_index = {name: k for k, name in enumerate(graph.backward_output_names)}
+        self._weight_gradient_index = [
+            backward_index[name] for name in graph.weight_gradient_names
+        ]
+        self._input_gradient_index = (
+            backward_index[graph.input_gradient_names[self.input_name]]
+            if self.input_gradient else None
+        )
+        self._context = None
+
+    # -- helpers ---------------------------------------------------------------
+    def initial_weights(self):
+        """The weights stored in the graph (name -> new array)."""
+        return self._model.initial_weights()
+
+    def _tensor(self, value, what, dtype, shape):
+        """Validate ``value``; return (low-level OrtValue, object to keep alive)."""
+        if is_ortvalue(value):
+            got_dtype = ortvalue_dtype(value)
+            got_shape = tuple(value.shape())
+            if value.device_name().lower() != "cpu":
+                raise ValueError(f"{what} must be on the CPU, not {value.device_name()}.")
+            keep = value
+        else:
+            if not isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{what} must be a numpy array or an onnxruntime.OrtValue, not "
+                    f"{type(value).__name__}."
+                )
+            got_dtype, got_shape = value.dtype, value.shape
+            keep = value = np.ascontiguousarray(value)
+        if got_dtype != dtype:
+            raise ValueError(f"{what} must be {np.dtype(dtype)}, not {got_dtype}.")
+        if shape is not None and (
+            len(got_shape) != len(shape)
+            or any(want is not None and want != got for want, got in zip(shape, got_shape))
+        ):
+            expected = tuple("n" if s is None else s for s in shape)
+            raise ValueError(f"{what} must have shape {expected}, not {got_shape}.")
+        return as_ortvalue(value), keep
+
+    def _weight_list(self, weights):
+        if isinstance(weights, dict):
+            missing = [n for n in self.weight_names if n not in weights]
+            if missing:
+                raise ValueError(f"weights lacks {missing}; expected {self.weight_names}.")
+            return [weights[n] for n in self.weight_names], True
+        weights = list(weights)
+        if len(weights) != len(self.weight_names):
+            raise ValueError(
+                f"Expected {len(self.weight_names)} weights ({self.weight_names}), "
+                f"got {len(weights)}."
+            )
+        return weights, False
+
+    # -- the two passes ----------------------------------------------------------
+    def forward(self, X, weights, keep_for_backward=True, return_context=False):
+        """Compute the output for ``X`` and ``weights``.
+
+        Parameters
+        ----------
+        X : ndarray or onnxruntime.OrtValue
+            Input of the graph's input type and shape.
+        weights : dict of str -> array or OrtValue, or sequence
+            One value per name of :attr:`weight_names` (a sequence follows
+            that order), of the weight's exact shape and :attr:`dtype`.
+        keep_for_backward : bool, default=True
+            Keep what :meth:`backward` needs (replacing what a previous
+            forward pass kept).  False for inference only.
+        return_context : bool, default=False
+            Return the :class:`ForwardContext` instead of keeping it, so
+            that several forward passes can wait for their backward passes
+            at once.
+
+        Returns
+        -------
+        Y : ndarray or onnxruntime.OrtValue
+            OrtValue when ``X`` is one.
+        context : ForwardContext
+            Only with ``return_context=True``.
+        """
+        x_value, x_kept = self._tensor(X, "X", self.input_dtype, self._input_shape)
+        weight_list, as_dict = self._weight_list(weights)
+        values, kept = [x_value], [x_kept]
+        for name, weight in zip(self.weight_names, weight_list):
+            value, keep = self._tensor(
+                weight, f"weight {name!r}", self.dtype, self.weight_shapes[name]
+            )
+            values.append(value)
+            kept.append(keep)
+        inputs = ortvalue_vector(values)
+        outputs = new_ortvalue_vector()
+        state = self._runner.new_state()
+        self._runner.run_forward(inputs, outputs, state)
+        output = outputs[0]
+        context = None
+        if keep_for_backward or return_context:
+            context = ForwardContext(state, inputs, kept, tuple(output.shape()), as_dict)
+        if not return_context and keep_for_backward:
+            self._context = context
+        result = public_ortvalue(output) if is_ortvalue(X) else output.numpy()
+        return (result, context) if return_context else result
+
+    def backward(self, output_gradient, return_input_gradient=False, context=None):
+        """Gradients of the last forward pass (or of ``context``'s).
+
+        Parameters
+        ----------
+        output_gradient : ndarray or onnxruntime.OrtValue
+            dL/dY, of the output's exact shape and :attr:`dtype`.
+        return_input_gradient : bool, default=False
+            Also return dL/dX; needs ``input_gradient=True`` at
+            construction.
+        context : ForwardContext, default=None
+            From ``forward(..., return_context=True)``; None uses the one
+            kept by the last forward pass.  Either is used once.
+
+        Returns
+        -------
+        weight_gradients : dict of str -> ndarray or OrtValue, or list
+            A dict when the forward pass got a dict of weights, else a list
+            in :attr:`weight_names` order.  OrtValues when
+            ``output_gradient`` is one.
+        input_gradient : ndarray or OrtValue
+            dL/dX, only with ``return_input_gradient=True``.
+        """
+        if return_input_gradient and not self.input_gradient:
+            raise ValueError(
+                "return_input_gradient=True needs a function built with input_gradient=True."
+            )
+        if context is None:
+            context, self._context = self._context, None
+            if context is None:
+                raise RuntimeError("backward needs a forward pass first (keep_for_backward=True).")
+        if context.consumed:
+            raise RuntimeError("The backward pass of this forward pass already ran.")
+        dy_value, dy_kept = self._tensor(
+            output_gradient, "output_gradient", self.dtype, context.output_shape
+        )
+        gradients = new_ortvalue_vector()
+        self._runner.run_backward(ortvalue_vector([dy_value]), gradients, context._state)
+        context._release()
+        del dy_kept
+        if is_ortvalue(output_gradient):
+            def convert(k):
+                return public_ortvalue(gradients[k])
+        else:
+            def convert(k):
+                return gradients[k].numpy()
+        grads = [convert(k) for k in self._weight_gradient_index]
+        if context._weights_as_dict:
+            grads = dict(zip(self.weight_names, grads))
+        if return_input_gradient:
+            return grads, convert(self._input_gradient_index)
+        return grads
+
+    __call__ = forward
+
+    # -- pickling -------------------------------------------------------------
+    def __getstate__(self):
+        return {
+            "onnx_model": self._model.model.SerializeToString(),
+            "weights_to_train": self.weight_names,
+            "output_name": self.output_name,
+            "input_gradient": self.input_gradient,
+            "n_threads": self.n_threads,
+        }
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __repr__(self):
+        return (
+            f"OnnxFunction({self.input_name!r} -> {self.output_name!r}, "
+            f"weights={self.weight_names}, dtype={self.dtype})"
+        )
