@@ -72,7 +72,16 @@ def piece_model(graph, opset=OPSET):
         graph, opset_imports=[helper.make_opsetid("", opset)]
     )
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    onnx.checker.check_model(model)
+    # Pieces take tensors of any rank ({T}[]), which onnx.checker.check_model
+    # rejects on a main graph ("Field 'shape' of 'type' is required"), while
+    # onnxruntime runs them: check every node, then types with strict
+    # inference, instead.
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.ir_version
+    ctx.opset_imports = {"": opset}
+    for node in model.graph.node:
+        onnx.checker.check_node(node, ctx)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     return model
 
 
