@@ -394,8 +394,9 @@ class OnnxFunction:
             raise ValueError(
                 "return_input_gradient=True needs a function built with input_gradient=True."
             )
-        if context is None:
-            context, self._context = self._context, None
+        kept_context = context is None
+        if kept_context:
+            context = self._context
             if context is None:
                 raise RuntimeError("backward needs a forward pass first (keep_for_backward=True).")
         if context.consumed:
@@ -403,6 +404,8 @@ class OnnxFunction:
         dy_value, dy_kept = self._tensor(
             output_gradient, "output_gradient", self.dtype, context.output_shape
         )
+        if kept_context:
+            self._context = None
         gradients = new_ortvalue_vector()
         self._runner.run_backward(ortvalue_vector([dy_value]), gradients, context._state)
         context._release()

@@ -1,0 +1,206 @@
+"""engine='forward_backward' trains exactly like engine='fused'.
+
+Both engines run the same loss, penalty and update pieces (the fused one in
+one graph, the forward-backward one as separate sessions around the model's
+forward and backward passes), so on the same data, batches, seed and
+hyperparameters they must end with the same weights.  Changing the loss,
+the penalty or the learning rate must reuse the model's gradient graph.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_regression
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.neural_network import MLPRegressor
+
+from onnxfit import (
+    HuberLoss,
+    LearningRateSGD,
+    LearningRateSGDNesterov,
+    OnnxSGDRegressor,
+)
+from onnxfit.engines import ENGINES, ForwardBackwardEngine
+from onnxfit.engines.forward_backward import PREDICTION, build_loss_model
+from onnxfit.function import model_gradient_cache
+from onnxfit.gradient import gradient_name, make_session
+from onnxfit.model import OnnxModel, load_onnx, normalise_model
+from tests.graphs import convert, gemm_mlp_graph, mlp_graph
+
+N_FEATURES = 6
+
+
+def regression_data(n=320, seed=0):
+    X, y = make_regression(n, N_FEATURES, n_informative=4, noise=0.5, random_state=seed)
+    y = (y - y.mean()) / y.std()
+    sample_weight = np.random.default_rng(seed).uniform(0.2, 2.0, n)
+    return X.astype(np.float32), y, sample_weight
+
+
+def skl2onnx_mlp_regressor():
+    X, y, _ = regression_data(seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp = MLPRegressor(hidden_layer_sizes=(10,), max_iter=10, random_state=0).fit(X, y)
+    return convert(mlp, X)
+
+
+MODELS = {
+    "default_linear": lambda: None,
+    "skl2onnx_mlp": skl2onnx_mlp_regressor,
+    "gemm_mlp": lambda: gemm_mlp_graph(N_FEATURES, (12, 8), 1),
+}
+
+
+def relative_difference(weights, reference):
+    """Largest relative difference over the weight tensors."""
+    return max(
+        float(np.abs(weights[k] - reference[k]).max() / np.abs(reference[k]).max())
+        for k in reference
+    )
+
+
+def fit_both(model, X, y, sample_weight=None, **params):
+    fitted = {}
+    for engine in ("fused", "forward_backward"):
+        est = OnnxSGDRegressor(
+            model, engine=engine, max_iter=3, tol=None, random_state=0, batch_size=32,
+            **params,
+        )
+        fitted[engine] = est.fit(X, y, sample_weight=sample_weight)
+        assert type(est._runtime.engine) is ENGINES[engine]
+    return fitted["fused"], fitted["forward_backward"]
+
+
+def test_engine_is_registered():
+    assert ENGINES["forward_backward"] is ForwardBackwardEngine
+
+
+@pytest.mark.parametrize("with_sample_weight", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("penalty", [None, "l2"])
+@pytest.mark.parametrize("learning_rate", ["sgd", "nesterov"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_same_weights_as_fused_engine(model_name, learning_rate, penalty, with_sample_weight):
+    X, y, sample_weight = regression_data()
+    model = MODELS[model_name]()
+    fused, forward_backward = fit_both(
+        model, X, y, sample_weight if with_sample_weight else None,
+        learning_rate=learning_rate, penalty=penalty, alpha=0.01,
+    )
+    assert forward_backward.dtype_ == np.float32
+    assert forward_backward.n_iter_ == 3 and forward_backward.t_ == fused.t_ == 30
+    # Training moved the weights (well beyond the tolerance below).
+    if model is None:
+        initial = {k: np.zeros_like(v) for k, v in fused.weights_.items()}
+    else:
+        initial = OnnxModel(normalise_model(load_onnx(model))).initial_weights()
+    assert relative_difference(initial, fused.weights_) > 1e-2
+    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-5
+    np.testing.assert_allclose(forward_backward.loss_curve_, fused.loss_curve_, rtol=1e-5)
+    np.testing.assert_allclose(forward_backward.predict(X), fused.predict(X), rtol=1e-4, atol=1e-5)
+
+
+def test_same_weights_in_float64():
+    X, y, sample_weight = regression_data()
+    fused, forward_backward = fit_both(
+        None, X.astype(np.float64), y, sample_weight, learning_rate="nesterov", alpha=0.01
+    )
+    assert forward_backward.dtype_ == np.float64
+    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-12
+
+
+def test_same_weights_multi_output_and_partial_fit():
+    X, y, _ = regression_data()
+    Y = np.c_[y, -0.5 * y + X[:, 0]]
+    models = {}
+    for engine in ("fused", "forward_backward"):
+        est = OnnxSGDRegressor(
+            mlp_graph(N_FEATURES, (7,), 2, "Tanh"), engine=engine, learning_rate="nesterov",
+            random_state=0, batch_size=50,
+        )
+        for _ in range(3):
+            est.partial_fit(X, Y)
+        models[engine] = est
+    assert models["forward_backward"].t_ == 21  # 7 batches of 50 (the last one of 20) x 3
+    assert relative_difference(models["forward_backward"].weights_, models["fused"].weights_) <= 1e-5
+
+
+def test_one_step_with_elastic_net_penalty_and_huber_loss():
+    # With an L1 term, a weight near zero whose sign differs by rounding gets
+    # another gradient, so long runs may drift apart: one step must agree.
+    X, y, sample_weight = regression_data()
+    fused, forward_backward = fit_both(
+        gemm_mlp_graph(N_FEATURES, (12,), 1), X[:32], y[:32], sample_weight[:32],
+        loss=HuberLoss(epsilon=0.5), penalty="elasticnet", alpha=0.05, l1_ratio=0.5,
+    )
+    assert fused.t_ == 3
+    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-6
+    np.testing.assert_allclose(forward_backward.loss_curve_, fused.loss_curve_, rtol=1e-6)
+
+
+def test_loss_graph_gives_the_closed_form_gradient():
+    X, y, sample_weight = regression_data(n=40)
+    est = OnnxSGDRegressor(engine="forward_backward", max_iter=1, tol=None).fit(X, y)
+    problem = est._problem()
+    session = make_session(build_loss_model(problem))
+    prediction = np.random.default_rng(0).standard_normal((40, 1)).astype(np.float32)
+    label = y.reshape(-1, 1).astype(np.float32)
+    weight = sample_weight.astype(np.float32)
+    loss, gradient = session.run(
+        None, {PREDICTION: prediction, "onnxfit.label": label, "onnxfit.sample_weight": weight}
+    )
+    residual = prediction.astype(np.float64) - label
+    np.testing.assert_allclose(loss, np.mean(0.5 * residual[:, 0] ** 2 * weight), rtol=1e-6)
+    np.testing.assert_allclose(gradient, residual * weight[:, None] / 40, rtol=1e-5)
+    assert session.get_outputs()[1].name == gradient_name(PREDICTION)
+
+
+# -- the model's gradient graph is reused ---------------------------------------------
+def test_changing_loss_penalty_or_learning_rate_reuses_the_gradient_graph():
+    X, y, _ = regression_data()
+    est = OnnxSGDRegressor(
+        mlp_graph(N_FEATURES, (9,), 1, seed=101), engine="forward_backward", max_iter=2,
+        tol=None, random_state=0,
+    )
+    builds = model_gradient_cache.builds
+    est.fit(X, y)
+    assert model_gradient_cache.builds == builds + 1
+    first_engine = est._runtime.engine
+    variants = [
+        {"loss": "huber"},
+        {"penalty": "elasticnet", "alpha": 0.001},
+        {"penalty": None},
+        {"learning_rate": LearningRateSGDNesterov(eta0=0.005)},
+        {"learning_rate": LearningRateSGD(eta0=0.02, schedule="constant")},
+    ]
+    losses = []
+    for params in variants:
+        est.set_params(**params).fit(X, y)
+        losses.append(est.loss_curve_[-1])
+        assert est._runtime.engine is not first_engine  # loss/penalty/update rebuilt ...
+        assert est._runtime.engine.model_gradient is first_engine.model_gradient  # ... not this
+    assert model_gradient_cache.builds == builds + 1
+    assert len(set(losses)) == len(losses)  # the variants really trained differently
+
+
+def test_grid_search_builds_the_model_gradient_once():
+    X, y, _ = regression_data()
+    search = GridSearchCV(
+        OnnxSGDRegressor(
+            gemm_mlp_graph(N_FEATURES, (8,), 1, seed=102), engine="forward_backward",
+            max_iter=20, tol=None, random_state=0,
+        ),
+        {
+            "loss": ["squared_error", "huber"],
+            "alpha": [1e-4, 1e-2],
+            "learning_rate": ["sgd", "nesterov"],
+        },
+        cv=2,
+    )
+    builds, hits = model_gradient_cache.builds, model_gradient_cache.hits
+    search.fit(X, y)
+    assert model_gradient_cache.builds == builds + 1
+    assert model_gradient_cache.hits >= hits + 2 * 8  # every other fit (refit included)
+    assert search.best_score_ > 0.5
