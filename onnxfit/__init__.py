@@ -5,13 +5,19 @@ updates come from pluggable learning-rate objects.
 """
 
 from .function import OnnxFunction
+from .classifier import OnnxSGDClassifier
 from .learning_rate import BaseLearningRate, LearningRateSGD, LearningRateSGDNesterov
 from .losses import (
     AbsoluteLoss,
     BaseLoss,
     ElasticLoss,
     EpsilonInsensitiveLoss,
+    HingeLoss,
     HuberLoss,
+    ModifiedHuberLoss,
+    NegativeLogLikelihoodLoss,
+    SigmoidCrossEntropyLoss,
+    SoftmaxCrossEntropyLoss,
     SquaredEpsilonInsensitiveLoss,
     SquaredLoss,
 )
@@ -22,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OnnxSGDRegressor",
+    "OnnxSGDClassifier",
     "BaseLearningRate",
     "LearningRateSGD",
     "LearningRateSGDNesterov",
@@ -32,6 +39,11 @@ __all__ = [
     "EpsilonInsensitiveLoss",
     "SquaredEpsilonInsensitiveLoss",
     "ElasticLoss",
+    "SigmoidCrossEntropyLoss",
+    "SoftmaxCrossEntropyLoss",
+    "NegativeLogLikelihoodLoss",
+    "HingeLoss",
+    "ModifiedHuberLoss",
     "ElasticNetPenalty",
     "OnnxFunction",
 ]

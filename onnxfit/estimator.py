@@ -149,6 +149,7 @@ class BaseOnnxSGD(BaseEstimator):
         uniform = uniform and bool(np.all(sample_weight == 1))
         if reset or first_call:
             self._start(X, labels, keep_weights=keep_weights and not first_call)
+        labels = self._encode_labels(labels)
         label_shape = self.label_shape_
         labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
         sample_weight = sample_weight.astype(self.dtype_, copy=False)
@@ -240,6 +241,23 @@ class BaseOnnxSGD(BaseEstimator):
         """Hook for class weights; regression uses sample_weight as is."""
         return sample_weight
 
+    def _encode_labels(self, labels):
+        """Hook: labels from :meth:`_validate_targets` in the form the trained
+        output needs, once the graph is known (classification one-hot encodes
+        in the graph's class order); regression uses them as they are."""
+        return labels
+
+    def _prepare_model(self, model, X):
+        """Hook: the :class:`OnnxModel` to train for the normalised graph
+        ``model`` (classification rewrites some converter operators and picks
+        the scores to train)."""
+        return OnnxModel(model, self.weights_to_train, self.output_name)
+
+    def _prediction_model(self):
+        """Hook: the graph predictions run on, :meth:`to_onnx` (a subclass may
+        expose intermediate values as extra outputs)."""
+        return self.to_onnx()
+
     def _start(self, X, labels, keep_weights):
         """Build the model and reset the training state (``fit`` or the first
         ``partial_fit``)."""
@@ -253,7 +271,7 @@ class BaseOnnxSGD(BaseEstimator):
                 model = self._default_model(X.shape[1], labels, dtype)
             else:
                 model = normalise_model(load_onnx(self.onnx_model))
-            onnx_model = OnnxModel(model, self.weights_to_train, self.output_name)
+            onnx_model = self._prepare_model(model, X)
             runtime.model = onnx_model
             self.onnx_model_ = onnx_model.model
             self.trained_output_ = onnx_model.output_name
@@ -354,7 +372,9 @@ class BaseOnnxSGD(BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         runtime = self._runtime
         if runtime.export_session is None:
-            runtime.export_session = make_session(self.to_onnx(), self.n_threads, self.dtype_)
+            runtime.export_session = make_session(
+                self._prediction_model(), self.n_threads, self.dtype_
+            )
         feeds = {self._model().input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
         if output_names is None:
             return runtime.export_session.run([self.trained_output_], feeds)[0]

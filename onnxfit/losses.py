@@ -251,3 +251,172 @@ def make_loss(loss, table, **kwargs):
     raise TypeError(
         f"loss must be a string or a BaseLoss instance, not {type(loss).__name__}."
     )
+
+
+# -- classification --------------------------------------------------------------
+# Labels of the classification losses are 0/1 floats shaped like the trained
+# output: one column per class (one-hot), or a single column (1 for the
+# positive class) when a binary problem is scored by one logit.  Margin losses
+# map them to -1/+1 inside the graph.  Every term is written with operators
+# onnxruntime-training differentiates (Relu, Abs, Exp, Log, Min, Max,
+# ArgMax/GatherElements, ReduceSum with axes as an input) and that are valid
+# from opset 13 to 21, since the fused engine appends the piece to the user's
+# graph at the graph's own opset.
+
+
+class SigmoidCrossEntropyLoss(BaseLoss):
+    """Logistic loss on raw scores, one sigmoid per column.
+
+    ``log(1 + exp(p)) - y p``, written ``max(p, 0) - y p + log(1 + exp(-|p|))``
+    so that it stays finite for any score (no overflow of ``exp``).  With one
+    column this is the binary log-loss of ``SGDClassifier``; with several
+    columns it is its one-vs-rest objective.
+    """
+
+    one_hot_labels = True
+
+    def elementwise_body(self):
+        return """
+    positive = Relu(prediction)
+    magnitude = Abs(prediction)
+    negative = Neg(magnitude)
+    exp_negative = Exp(negative)
+    one = Constant<value = {T} {{1.0}}>()
+    shifted = Add(exp_negative, one)
+    softplus_rest = Log(shifted)
+    label_score = Mul(label, prediction)
+    softplus = Add(positive, softplus_rest)
+    elementwise = Sub(softplus, label_score)
+"""
+
+
+class SoftmaxCrossEntropyLoss(BaseLoss):
+    """Multinomial log-loss on raw scores (logits), softmax over the last axis.
+
+    ``sum_j y_j (logsumexp(p) - p_j)`` with the log-sum-exp shifted by the
+    row's largest score (taken with ArgMax + GatherElements: onnxruntime-
+    training has no gradient for ReduceMax), so it stays finite for any score.
+    Labels are one-hot.
+    """
+
+    one_hot_labels = True
+
+    def elementwise_body(self):
+        return """
+    top_index = ArgMax<axis = -1, keepdims = 1>(prediction)
+    top = GatherElements<axis = -1>(prediction, top_index)
+    shifted = Sub(prediction, top)
+    exp_shifted = Exp(shifted)
+    last_axis = Constant<value = int64[1] {{-1}}>()
+    total = ReduceSum<keepdims = 1>(exp_shifted, last_axis)
+    log_total = Log(total)
+    nll = Sub(log_total, shifted)
+    elementwise = Mul(label, nll)
+"""
+
+
+class NegativeLogLikelihoodLoss(BaseLoss):
+    """Log-loss of an output that already holds probabilities.
+
+    ``-sum_j y_j log(max(p_j, eps))``: the probability of the true class is
+    clipped from below, as ``sklearn.metrics.log_loss`` does, so a zero
+    probability gives a large but finite loss.  Labels are one-hot.
+
+    Parameters
+    ----------
+    eps : float, default=1e-7
+        Smallest probability used in the logarithm.
+    """
+
+    one_hot_labels = True
+
+    def __init__(self, eps=1e-7):
+        self.eps = eps
+
+    def constants(self):
+        return {"eps": self.eps}
+
+    def elementwise_body(self):
+        return """
+    eps = Constant<value = {T} {{{eps}}}>()
+    clipped = Max(prediction, eps)
+    log_p = Log(clipped)
+    label_log_p = Mul(label, log_p)
+    elementwise = Neg(label_log_p)
+"""
+
+
+_SIGNED_LABEL = """
+    two = Constant<value = {T} {{2.0}}>()
+    one = Constant<value = {T} {{1.0}}>()
+    double_label = Mul(label, two)
+    sign = Sub(double_label, one)
+    margin = Mul(sign, prediction)
+"""
+
+
+class HingeLoss(BaseLoss):
+    """Hinge loss ``max(0, threshold - z)`` with ``z = y p``, ``y`` in {-1, +1}.
+
+    As ``SGDClassifier(loss='hinge')`` (one-vs-rest over the columns).
+
+    Parameters
+    ----------
+    threshold : float, default=1.0
+    """
+
+    one_hot_labels = True
+
+    def __init__(self, threshold=1.0):
+        self.threshold = threshold
+
+    def constants(self):
+        return {"threshold": self.threshold}
+
+    def elementwise_body(self):
+        return _SIGNED_LABEL + """
+    threshold = Constant<value = {T} {{{threshold}}}>()
+    gap = Sub(threshold, margin)
+    elementwise = Relu(gap)
+"""
+
+
+class ModifiedHuberLoss(BaseLoss):
+    """Modified Huber loss of ``SGDClassifier``, ``z = y p``, ``y`` in {-1, +1}.
+
+    ``max(0, 1 - z)^2`` for ``z >= -1``, ``-4 z`` below; written with
+    ``u = max(0, 1 - z)`` and ``m = min(u, 2)`` as ``m^2 + 4 (u - m)``.
+    """
+
+    one_hot_labels = True
+
+    def elementwise_body(self):
+        return _SIGNED_LABEL + """
+    gap = Sub(one, margin)
+    u = Relu(gap)
+    cap = Constant<value = {T} {{2.0}}>()
+    m = Min(u, cap)
+    quadratic = Mul(m, m)
+    excess = Sub(u, m)
+    four = Constant<value = {T} {{4.0}}>()
+    linear = Mul(excess, four)
+    elementwise = Add(quadratic, linear)
+"""
+
+
+def _log_loss(scores):
+    return {
+        "softmax": SoftmaxCrossEntropyLoss,
+        "sigmoid": SigmoidCrossEntropyLoss,
+        "probability": NegativeLogLikelihoodLoss,
+    }[scores]()
+
+
+#: Classification losses by name.  Factories take ``scores``, what the trained
+#: output holds: ``'softmax'`` (logits of one softmax), ``'sigmoid'`` (one
+#: logit per column: binary or one-vs-rest) or ``'probability'``.
+CLASSIFICATION_LOSSES = {
+    "log_loss": _log_loss,
+    "hinge": lambda scores: HingeLoss(),
+    "modified_huber": lambda scores: ModifiedHuberLoss(),
+}

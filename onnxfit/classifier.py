@@ -1,0 +1,561 @@
+"""OnnxSGDClassifier: train an ONNX classification graph with SGD."""
+
+import numpy as np
+from sklearn.base import ClassifierMixin, _fit_context
+from sklearn.metrics import accuracy_score
+from sklearn.utils import compute_class_weight
+from sklearn.utils._param_validation import StrOptions
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import check_classification_targets, unique_labels
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+from .classifier_graph import (
+    analyse_classifier_graph,
+    class_key,
+    infer_value_types,
+    rewrite_linear_classifiers,
+)
+from .estimator import BaseOnnxSGD
+from .losses import CLASSIFICATION_LOSSES, BaseLoss, make_loss
+from .model import OnnxModel, linear_model
+
+
+class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
+    """Train an ONNX graph as a classifier with mini-batch SGD.
+
+    Gradients come from the graph itself (onnxruntime-training); the update
+    comes from a learning-rate object.  ``OnnxSGDClassifier()`` alone trains
+    a linear model -- one logit for two classes, one logit per class
+    otherwise -- like ``SGDClassifier(loss='log_loss')``.
+
+    **Which value is trained.**  ``output_name`` names the value holding the
+    class scores or probabilities; None picks the tensor feeding a ZipMap
+    (skl2onnx's default probability output, a sequence of maps with no
+    gradient), else the first float tensor output.  When that value is
+    computed by a final softmax or sigmoid (skl2onnx's ``LogisticRegression``,
+    ``SGDClassifier(loss='log_loss')`` and ``MLPClassifier``, or a hand-written
+    graph ending with Softmax), onnxfit trains the scores that feed it, with
+    a numerically stable cross-entropy, and keeps the softmax/sigmoid for
+    prediction; ``trained_output_`` tells which value that is.  Otherwise the
+    value is trained as raw scores (logits), or, for a converted classifier
+    (a graph with a label or ZipMap output) whose probabilities could not be
+    traced back to scores, as probabilities with a clipped log-likelihood.
+    An integer/string label output or a ZipMap output cannot be trained and
+    is refused with an explanation.
+
+    skl2onnx writes ``LogisticRegression`` as ``ai.onnx.ml.LinearClassifier``,
+    whose coefficients are node attributes: onnxfit replaces that node by
+    the same computation in MatMul + Add + Softmax/Sigmoid + Gather, with the
+    same output names (converting with ``black_op={'LinearClassifier'}``
+    gives a trainable graph as well).
+
+    **Classes.**  ``classes_`` is sorted like scikit-learn's.  When the graph
+    names its classes (ZipMap, or a label table as skl2onnx writes), labels
+    are matched to the graph's columns by value, so the trained graph's label
+    output stays right; a graph built for other classes is refused.  Raw
+    scores are read in the order of ``classes_``.
+
+    Parameters
+    ----------
+    onnx_model : onnx.ModelProto, bytes, str or path-like, default=None
+        Graph to train, with one input.  None builds a linear model at
+        ``fit`` time, in float64 if X is float64, else float32.
+    weights_to_train : list of str, default=None
+        Initializers to train; None trains every floating-point initializer
+        the trained output depends on.
+    output_name : str, default=None
+        Value holding the class scores or probabilities (see above).
+    learning_rate : 'nesterov', 'sgd' or BaseLearningRate, default='nesterov'
+        Update rule and schedule.  ``'nesterov'`` is
+        ``LearningRateSGDNesterov()`` (``eta0=0.01``, momentum 0.9, constant
+        rate): it matches ``SGDClassifier(loss='log_loss')`` on standardised
+        data and trains small networks well, whereas ``SGDClassifier``'s
+        ``'optimal'`` schedule (``LearningRateSGD(schedule='optimal')``)
+        starts with rates near ``1 / (alpha t0)`` that suit linear models
+        only.  ``'sgd'`` is ``LearningRateSGD()`` (invscaling, ``eta0=0.01``),
+        the regressor's default.  Pass an object to search its parameters
+        (``learning_rate__eta0``).
+    loss : {'log_loss', 'hinge', 'modified_huber'} or BaseLoss, default='log_loss'
+        ``'log_loss'`` is the sigmoid cross-entropy for one logit (or for
+        the one-vs-rest sigmoids of a converted ``SGDClassifier``), the
+        softmax cross-entropy for one logit per class, and the clipped
+        negative log-likelihood when probabilities are trained.
+        ``'hinge'`` and ``'modified_huber'`` are ``SGDClassifier``'s margin
+        losses (one-vs-rest over the columns); they need raw scores.
+    penalty : {'l2', 'l1', 'elasticnet'}, None or ElasticNetPenalty, default='l2'
+        Applied to weight tensors of rank >= 2 (not biases).
+    alpha : float, default=1e-4
+    l1_ratio : float, default=0.15
+    batch_size : int, default=64
+    max_iter : int, default=1000
+        Maximum number of epochs.
+    tol : float or None, default=1e-3
+        Training stops when the loss (or the validation accuracy with early
+        stopping) has not improved by ``tol`` for ``n_iter_no_change``
+        epochs.  None disables the criterion.
+    n_iter_no_change : int, default=5
+    shuffle : bool, default=True
+    random_state : int, RandomState or None, default=None
+    early_stopping : bool, default=False
+        Hold out a stratified ``validation_fraction`` of the data, stop on
+        its accuracy and keep the weights of the best epoch.
+    validation_fraction : float, default=0.1
+    class_weight : dict, 'balanced' or None, default=None
+        Weights of the classes, multiplied with ``sample_weight``.
+        ``'balanced'`` uses ``n_samples / (n_classes * np.bincount(y))`` and
+        is not available to ``partial_fit`` (as in ``SGDClassifier``).
+    warm_start : bool, default=False
+        ``fit`` starts from the weights of the previous fit.
+    verbose : int, default=0
+        Show a progress bar with the current loss.
+    engine : {'fused', 'forward_backward'}, default='fused'
+    n_threads : int, default=1
+        onnxruntime intra-op threads.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    onnx_model_ : onnx.ModelProto
+        The graph prepared for training (normalised, LinearClassifier
+        rewritten, shapes inferred); ``to_onnx()`` is this graph with the
+        trained weights.
+    trained_output_ : str
+        Value the loss is computed on.
+    weights_ : dict of str -> ndarray
+    weights_to_train_ : list of str
+    loss_curve_ : list of float
+        Mean training objective (loss + penalty) per epoch.
+    validation_scores_ : list of float or None
+        Validation accuracy per epoch, with early stopping.
+    n_iter_ : int
+    t_ : int
+        Weight updates (mini-batches) done.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from onnxfit import OnnxSGDClassifier
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> model = make_pipeline(StandardScaler(), OnnxSGDClassifier(random_state=0))
+    >>> model.fit(X, y).score(X, y) > 0.95
+    True
+    """
+
+    _parameter_constraints = {
+        **BaseOnnxSGD._parameter_constraints,
+        "loss": [StrOptions(set(CLASSIFICATION_LOSSES)), BaseLoss],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+    }
+    _y_numeric = False
+
+    def __init__(
+        self, onnx_model=None, *, weights_to_train=None, output_name=None,
+        learning_rate="nesterov", loss="log_loss", penalty="l2", alpha=1e-4,
+        l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
+        n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
+        validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
+        engine="fused", n_threads=1,
+    ):
+        self.onnx_model = onnx_model
+        self.weights_to_train = weights_to_train
+        self.output_name = output_name
+        self.learning_rate = learning_rate
+        self.loss = loss
+        self.penalty = penalty
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.class_weight = class_weight
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.engine = engine
+        self.n_threads = n_threads
+
+    # -- training -------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """Run one epoch over ``(X, y)``, continuing from the current state.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        classes : array-like of shape (n_classes,), default=None
+            Every class of the problem; required on the first call (``y``
+            need not contain them all), optional afterwards.
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self
+        """
+        if not hasattr(self, "weights_"):
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit.")
+            if isinstance(self.class_weight, str) and self.class_weight == "balanced":
+                raise ValueError(
+                    "class_weight 'balanced' is not supported for partial_fit: "
+                    "compute the weights on a sample of y with "
+                    "sklearn.utils.compute_class_weight('balanced', classes=classes, "
+                    "y=y) and pass them as a dict."
+                )
+        return self._partial_fit(
+            X, y, sample_weight, max_iter=1, reset=False, classes=classes
+        )
+
+    def _validate_targets(self, y, reset, classes=None):
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if reset:
+            new = unique_labels(classes) if classes is not None else np.unique(y)
+            previous = getattr(self, "classes_", None)
+            if (
+                classes is None and self.warm_start and hasattr(self, "weights_")
+                and previous is not None and not np.array_equal(previous, new)
+            ):
+                raise ValueError(
+                    f"warm_start=True keeps the weights of the previous fit, made for "
+                    f"classes {previous.tolist()}, but y has classes {new.tolist()}."
+                )
+            if len(new) < 2:
+                raise ValueError(
+                    "The number of classes has to be greater than one; got "
+                    f"{len(new)} class."
+                )
+            self.classes_ = new
+        elif classes is not None and not np.array_equal(self.classes_, unique_labels(classes)):
+            raise ValueError(
+                f"classes={classes!r} is not the same as on the last call to "
+                f"partial_fit, was: {self.classes_!r}."
+            )
+        return self._class_index(y).astype(np.float64)
+
+    def _class_index(self, y):
+        """Positions of the labels ``y`` in ``classes_``."""
+        classes = self.classes_
+        index = np.searchsorted(classes, y)
+        index = np.minimum(index, len(classes) - 1)
+        unknown = classes[index] != y
+        if np.any(unknown):
+            raise ValueError(
+                f"y contains labels {np.unique(y[unknown]).tolist()} that are not "
+                f"among the classes {classes.tolist()}."
+            )
+        return index
+
+    def _weight_samples(self, y, sample_weight):
+        if self.class_weight is None:
+            return sample_weight
+        y = column_or_1d(y)
+        weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+        return sample_weight * np.asarray(weights, dtype=np.float64)[self._class_index(y)]
+
+    def _validation_split(self, n_samples, y, rng):
+        from sklearn.model_selection import StratifiedShuffleSplit
+
+        y = column_or_1d(y)
+        splitter = StratifiedShuffleSplit(
+            test_size=self.validation_fraction, random_state=rng
+        )
+        try:
+            return next(splitter.split(np.zeros(n_samples), y))
+        except ValueError:  # a class too small to stratify: plain split
+            return super()._validation_split(n_samples, y, rng)
+
+    def _validation_score(self, X, y, weights):
+        columns = self._columns_of(self._predict_raw(X, weights), self._graph_info.link)
+        return accuracy_score(column_or_1d(y), self.classes_[self._class_of_column[columns]])
+
+    # -- the graph --------------------------------------------------------------
+    def _default_model(self, n_features, labels, dtype):
+        n_classes = len(self.classes_)
+        return linear_model(n_features, 1 if n_classes == 2 else n_classes, dtype)
+
+    def _prepare_model(self, model, X):
+        model = rewrite_linear_classifiers(model)
+        model = infer_value_types(model)
+        init_names = {i.name for i in model.graph.initializer}
+        inputs = [i.name for i in model.graph.input if i.name not in init_names]
+        if len(inputs) != 1:  # let OnnxModel explain
+            return OnnxModel(model, self.weights_to_train, self.output_name)
+        info = analyse_classifier_graph(model, inputs[0], self.output_name)
+        weights = self.weights_to_train
+        if weights is None:
+            weights = info.default_weights
+        onnx_model = OnnxModel(model, weights, info.trained_output)
+        self._graph_info = info
+        return onnx_model
+
+    def _probe_label_shape(self, X, labels):
+        out = self._predict_raw(X[:1], self.weights_)
+        label_shape = tuple(out.shape[1:])
+        width = int(np.prod(label_shape)) if label_shape else 1
+        self._set_columns(width)
+        return label_shape
+
+    def _set_columns(self, width):
+        """Match ``classes_`` with the columns of the trained output."""
+        info = self._graph_info
+        classes = self.classes_
+        n_classes = len(classes)
+        allowed = (1, 2) if n_classes == 2 and info.link != "probability" else (n_classes,)
+        if width not in allowed:
+            raise ValueError(
+                f"The graph's output {self.trained_output_!r} gives {width} value(s) per "
+                f"sample, but y has {n_classes} classes {classes.tolist()}: a "
+                "classification graph needs one score (or probability) per class, "
+                "or a single score when there are two classes."
+            )
+        columns = np.arange(n_classes)
+        if info.graph_classes is not None:
+            graph_classes = list(info.graph_classes)
+            if len(graph_classes) != n_classes:
+                raise ValueError(
+                    f"The graph was built for {len(graph_classes)} classes "
+                    f"{graph_classes}, but y has {n_classes}: {classes.tolist()}."
+                )
+            columns = _match_classes(classes, graph_classes)
+        self._class_columns = columns
+        self._class_of_column = np.argsort(columns)
+        self._n_columns = width
+
+    def _encode_labels(self, labels):
+        columns = self._class_columns[labels.astype(np.intp)]
+        if self._n_columns == 1:
+            return (columns == 1).astype(np.float64)[:, None]
+        one_hot = np.zeros((len(columns), self._n_columns), dtype=np.float64)
+        one_hot[np.arange(len(columns)), columns] = 1.0
+        return one_hot
+
+    def _scores_kind(self):
+        link = self._graph_info.link
+        if link == "identity":
+            return "sigmoid" if self._n_columns == 1 else "softmax"
+        return link
+
+    def _make_loss(self):
+        kind = self._scores_kind()
+        if kind == "probability" and not (self.loss == "log_loss" or isinstance(self.loss, BaseLoss)):
+            raise ValueError(
+                f"loss={self.loss!r} needs raw scores, but the trained output "
+                f"{self.trained_output_!r} holds probabilities (no softmax or sigmoid "
+                "was found before it). Use loss='log_loss', or name the scores with "
+                "output_name."
+            )
+        return make_loss(self.loss, CLASSIFICATION_LOSSES, scores=kind)
+
+    def _prediction_model(self):
+        """``to_onnx()`` with the trained and probability values as outputs."""
+        model = self.to_onnx()
+        graph = model.graph
+        present = {o.name for o in graph.output}
+        infos = {v.name: v for v in graph.value_info}
+        for name in (self.trained_output_, self._graph_info.probability_output):
+            if name and name not in present:
+                graph.output.append(infos[name])
+                present.add(name)
+        return model
+
+    # -- prediction ---------------------------------------------------------------
+    def _columns_of(self, out, link):
+        """Winning column of each row of the trained output."""
+        out = out.reshape(len(out), -1)
+        if out.shape[1] == 1:
+            threshold = 0.5 if link == "probability" else 0.0
+            return (out[:, 0] > threshold).astype(np.intp)
+        return np.argmax(out, axis=1)
+
+    def _outputs(self, X, names):
+        return self._forward(X, names)
+
+    def decision_function(self, X):
+        """Scores of the classes: the trained scores (their log when the graph
+        is trained on probabilities).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) for two classes (positive for
+        ``classes_[1]``), else (n_samples, n_classes)
+        """
+        check_is_fitted(self, "weights_")
+        out = self._outputs(X, [self.trained_output_])[0]
+        out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+        if self._graph_info.link == "probability":
+            out = np.log(np.maximum(out, np.finfo(np.float64).tiny))
+        columns = self._class_columns
+        if out.shape[1] == 1:
+            scores = out[:, 0]
+            return scores if columns[1] == 1 else -scores
+        if len(self.classes_) == 2:
+            return out[:, columns[1]] - out[:, columns[0]]
+        return out[:, columns]
+
+    def predict(self, X):
+        """Predicted class labels.
+
+        For a converted classifier these are the graph's own label output
+        (mapped to ``classes_``), as ``to_onnx()`` computes them.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self, "weights_")
+        info = self._graph_info
+        if info.label_output is not None and info.graph_classes is not None:
+            labels = self._outputs(X, [info.label_output])[0]
+            lookup = {
+                class_key(info.graph_classes[column]): k
+                for k, column in enumerate(self._class_columns)
+            }
+            index = np.fromiter(
+                (lookup[class_key(v)] for v in np.ravel(labels)), dtype=np.intp,
+                count=np.size(labels),
+            )
+            return self.classes_[index]
+        if info.probability_output is not None:
+            out = self._outputs(X, [info.probability_output])[0]
+            columns = self._columns_of(np.asarray(out), "probability")
+        else:
+            out = self._outputs(X, [self.trained_output_])[0]
+            columns = self._columns_of(np.asarray(out), info.link)
+        return self.classes_[self._class_of_column[columns]]
+
+    def _check_proba(self):
+        if self.loss == "hinge":
+            raise AttributeError(
+                "probability estimates are not available for loss='hinge'"
+            )
+        return True
+
+    @available_if(_check_proba)
+    def predict_proba(self, X):
+        """Class probabilities, columns in the order of ``classes_``.
+
+        A graph that computes probabilities (a converted classifier, a graph
+        ending with a softmax or sigmoid) gives them itself, as ``to_onnx()``
+        does; raw scores go through a sigmoid (one logit) or a softmax.  With
+        ``loss='modified_huber'`` raw scores give ``SGDClassifier``'s
+        ``(clip(s, -1, 1) + 1) / 2``, normalised.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        check_is_fitted(self, "weights_")
+        info = self._graph_info
+        if info.probability_output is not None:
+            proba = self._outputs(X, [info.probability_output])[0]
+            proba = np.asarray(proba, dtype=np.float64).reshape(len(proba), -1)
+            if proba.shape[1] == 1:
+                proba = np.hstack([1.0 - proba, proba])
+            total = proba.sum(axis=1, keepdims=True)
+            if not np.allclose(total, 1.0, atol=1e-5):  # one-vs-rest sigmoids
+                proba = _normalise(proba)
+        else:
+            scores = self._outputs(X, [self.trained_output_])[0]
+            scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+            if self.loss == "modified_huber":
+                proba = (np.clip(scores, -1.0, 1.0) + 1.0) / 2.0
+                if proba.shape[1] == 1:
+                    proba = np.hstack([1.0 - proba, proba])
+                else:
+                    proba = _normalise(proba)
+            elif scores.shape[1] == 1:
+                positive = _sigmoid(scores)
+                proba = np.hstack([1.0 - positive, positive])
+            else:
+                proba = np.exp(_log_softmax(scores))
+        return proba[:, self._class_columns]
+
+    @available_if(_check_proba)
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba` (computed stably from raw
+        scores with ``loss='log_loss'``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        check_is_fitted(self, "weights_")
+        info = self._graph_info
+        if info.probability_output is None and self.loss != "modified_huber":
+            scores = self._outputs(X, [self.trained_output_])[0]
+            scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+            if scores.shape[1] == 1:
+                log_proba = np.hstack([_log_sigmoid(-scores), _log_sigmoid(scores)])
+            else:
+                log_proba = _log_softmax(scores)
+            return log_proba[:, self._class_columns]
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        return tags
+
+
+def _match_classes(classes, graph_classes):
+    """Column of each of ``classes`` among the graph's ``graph_classes``."""
+    for key in (class_key, lambda v: str(class_key(v))):
+        graph_keys = [key(c) for c in graph_classes]
+        lookup = {k: j for j, k in enumerate(graph_keys)}
+        keys = [key(c) for c in classes]
+        if len(lookup) == len(graph_keys) and all(k in lookup for k in keys):
+            return np.array([lookup[k] for k in keys], dtype=np.intp)
+    raise ValueError(
+        f"The graph's classes {list(graph_classes)} are not the classes of y "
+        f"{classes.tolist()}: its label output would be wrong. Train it on labels "
+        "with the same values, or train a graph without a label output."
+    )
+
+
+def _sigmoid(s):
+    return np.exp(-np.logaddexp(0.0, -s))
+
+
+def _log_sigmoid(s):
+    return -np.logaddexp(0.0, -s)
+
+
+def _log_softmax(s):
+    shifted = s - s.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _normalise(proba):
+    total = proba.sum(axis=1, keepdims=True)
+    empty = total[:, 0] == 0
+    if np.any(empty):
+        proba = proba.copy()
+        proba[empty] = 1.0
+        total[empty] = proba.shape[1]
+    return proba / total
