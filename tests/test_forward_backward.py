@@ -11,15 +11,16 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.datasets import make_regression
+from sklearn.datasets import make_classification, make_regression
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
-from sklearn.neural_network import MLPRegressor
+from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from onnxfit import (
     HuberLoss,
     LearningRateSGD,
     LearningRateSGDNesterov,
+    OnnxSGDClassifier,
     OnnxSGDRegressor,
 )
 from onnxfit.engines import ENGINES, ForwardBackwardEngine
@@ -62,10 +63,10 @@ def relative_difference(weights, reference):
     )
 
 
-def fit_both(model, X, y, sample_weight=None, **params):
+def fit_both(model, X, y, sample_weight=None, estimator=OnnxSGDRegressor, **params):
     fitted = {}
     for engine in ("fused", "forward_backward"):
-        est = OnnxSGDRegressor(
+        est = estimator(
             model, engine=engine, max_iter=3, tol=None, random_state=0, batch_size=32,
             **params,
         )
@@ -100,6 +101,49 @@ def test_same_weights_as_fused_engine(model_name, learning_rate, penalty, with_s
     assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-5
     np.testing.assert_allclose(forward_backward.loss_curve_, fused.loss_curve_, rtol=1e-5)
     np.testing.assert_allclose(forward_backward.predict(X), fused.predict(X), rtol=1e-4, atol=1e-5)
+
+
+def classification_data(n_classes, n=320, seed=0):
+    X, y = make_classification(
+        n, N_FEATURES, n_informative=4, n_redundant=0, n_classes=n_classes, random_state=seed
+    )
+    sample_weight = np.random.default_rng(seed).uniform(0.2, 2.0, n)
+    return X.astype(np.float32), y, sample_weight
+
+
+def skl2onnx_mlp_classifier():
+    X, y, _ = classification_data(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp = MLPClassifier(hidden_layer_sizes=(10,), max_iter=10, random_state=0).fit(X, y)
+    return convert(mlp, X)  # with its ZipMap: the classifier trains the logits
+
+
+CLASSIFIERS = {
+    "default_binary": (lambda: None, 2),
+    "default_3_classes": (lambda: None, 3),
+    "skl2onnx_mlp": (skl2onnx_mlp_classifier, 3),
+}
+
+
+@pytest.mark.parametrize("with_sample_weight", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("penalty", [None, "l2"])
+@pytest.mark.parametrize("learning_rate", ["sgd", "nesterov"])
+@pytest.mark.parametrize("model_name", list(CLASSIFIERS))
+def test_classifier_same_weights_as_fused_engine(
+    model_name, learning_rate, penalty, with_sample_weight
+):
+    make_model, n_classes = CLASSIFIERS[model_name]
+    X, y, sample_weight = classification_data(n_classes)
+    fused, forward_backward = fit_both(
+        make_model(), X, y, sample_weight if with_sample_weight else None,
+        estimator=OnnxSGDClassifier, learning_rate=learning_rate, penalty=penalty, alpha=0.01,
+    )
+    assert forward_backward.t_ == fused.t_ == 30
+    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-5
+    np.testing.assert_allclose(forward_backward.loss_curve_, fused.loss_curve_, rtol=1e-5)
+    np.testing.assert_array_equal(forward_backward.predict(X), fused.predict(X))
+    assert fused.loss_curve_[-1] < fused.loss_curve_[0]  # it trained
 
 
 def test_same_weights_in_float64():
