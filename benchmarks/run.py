@@ -1,0 +1,229 @@
+"""Entry point of the benchmark suite: ``python -m benchmarks.run``.
+
+Parts (all by default, or those named by ``--only``):
+
+* ``epochs``  -- W1, W2, W3: seconds per epoch of onnxfit (every engine in
+  ``onnxfit.engines.ENGINES``) and of each peer, interleaved in one process,
+  with the float32 GEMM ceiling measured in the same rounds;
+* ``memory``  -- peak memory of a one-epoch fit, each in a fresh subprocess;
+* ``quality`` -- time to quality on W1;
+* ``sweep``   -- the fused engine as N and the batch size grow
+  (``--sweep`` runs only this part).
+
+``--quick`` runs every part on small data with one repetition in well under
+a minute, and works without torch, psutil or matplotlib (PyTorch rows are
+skipped with a note).  Results go to ``--out`` (default
+``benchmarks/results/``): ``results.json``, ``epochs.csv``,
+``targets.csv``, ``memory.csv``, ``quality.csv``, ``sweep.csv`` and, with
+matplotlib, ``benchmarks.png``.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+PARTS = ("epochs", "memory", "quality", "sweep")
+
+
+def _versions():
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu_count": os.cpu_count()}
+    for dist in ("numpy", "scikit-learn", "onnx", "onnxruntime-training-cpu", "onnxruntime",
+                 "skl2onnx", "torch", "threadpoolctl"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        from .timing import GemmProbe
+
+        out["blas_threads"] = GemmProbe.default_threads()
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def run_epochs(keys, n_samples, reps, warmup, two_threads, log):
+    from .contestants import lineup
+    from .timing import GEMM_SIZE, GemmProbe, run_round_robin
+    from .workloads import make_workload
+
+    out = []
+    for key in keys:
+        start = time.perf_counter()
+        wl = make_workload(key, n_samples=n_samples)
+        log(f"[epochs] {key}: {wl.title}, N={wl.n_samples}")
+        contestants = lineup(wl, two_threads=False)
+        probes = [GemmProbe(), GemmProbe(threads=1)]
+        res = run_round_robin(contestants, probes, reps=reps, warmup=warmup, log=log)
+        records = res["records"]
+        if two_threads:
+            log(f"[epochs] {key}: 2-thread rows (separate phase)")
+            extra = [c for c in lineup(wl, two_threads=True) if c.threads != 1]
+            res2 = run_round_robin(extra, [], reps=reps, warmup=warmup, log=log)
+            for r in res2["records"]:
+                r["note"] = (r["note"] + "; " if r["note"] else "") + "timed in a separate phase"
+            records += res2["records"]
+        gemm = statistics.median(res["probes"]["gemm-default"])
+        gemm_1t = statistics.median(res["probes"]["gemm-1t"])
+        gflops = GemmProbe.flop() / gemm / 1e9
+        gflops_1t = GemmProbe.flop() / gemm_1t / 1e9
+        out.append(dict(
+            workload=key, title=wl.title, n_samples=wl.n_samples, batch_size=wl.batch_size,
+            n_params=wl.n_params, reps=reps, warmup=warmup, records=records,
+            gemm_size=GEMM_SIZE, gemm_threads=GemmProbe.default_threads(),
+            gemm_s=gemm, gemm_gflops=gflops, gemm_gflops_1t=gflops_1t,
+            ceiling_s=wl.epoch_flop() / (gflops * 1e9),
+            ceiling_1t_s=wl.epoch_flop() / (gflops_1t * 1e9),
+            seconds=time.perf_counter() - start,
+        ))
+    return out
+
+
+def run_memory(keys, n_samples, quick, log):
+    from .contestants import lineup
+    from .memory import measure
+    from .workloads import make_workload
+
+    rows = []
+    for key in keys:
+        wl = make_workload(key, n_samples=n_samples)
+        ids = []
+        for c in lineup(wl, two_threads=False):
+            reason = c.unavailable()
+            if reason:
+                rows.append(dict(workload=key, id=c.id, status="n/a", note=reason,
+                                 data_bytes=wl.data_bytes, model_bytes=wl.model_bytes))
+                continue
+            if quick and not (c.id == "onnxfit-fused-1t" or key == "W1" and c.is_peer
+                              and c.library == "scikit-learn"):
+                continue  # --quick: a smoke test of the probe, kept short
+            ids.append(c.id)
+        log(f"[memory] {key}: {', '.join(ids)}")
+        rows += measure(wl, ids, log=log)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="small data, 1 repetition: a smoke run under a minute")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default benchmarks/results)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated parts among {','.join(PARTS)}")
+    parser.add_argument("--sweep", action="store_true", help="run only the scaling sweep")
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help="rows per workload (default 100000; --quick 4000)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions (default 7; --quick 1)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--two-threads", action="store_true",
+                        help="also time 2-thread rows (onnxfit n_threads=2, torch 2 threads, "
+                             "BLAS 2 threads) in a separate phase")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.sweep:
+        parts = ["sweep"]
+    elif args.only:
+        parts = [p.strip() for p in args.only.split(",") if p.strip()]
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            parser.error(f"unknown parts {sorted(unknown)}; choose among {PARTS}")
+    else:
+        parts = list(PARTS)
+    keys = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    n = args.n_samples or (4_000 if args.quick else 100_000)
+    reps = args.reps or (1 if args.quick else 7)
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    from .contestants import onnxfit_engines, torch_available
+
+    t0 = time.perf_counter()
+    results = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        mode="quick" if args.quick else "full", parts=parts, n_samples=n, reps=reps,
+        environment=_versions(), engines=onnxfit_engines(), torch=torch_available(),
+    )
+    if not results["torch"]:
+        log("torch is not installed: PyTorch rows are skipped (pip install '.[bench]')")
+    timings = {}
+    if "epochs" in parts:
+        start = time.perf_counter()
+        results["epochs"] = run_epochs(keys, n, reps, args.warmup, args.two_threads, log)
+        timings["epochs"] = time.perf_counter() - start
+    if "memory" in parts:
+        start = time.perf_counter()
+        mem_keys = [k for k in keys if k != "W3"] if args.quick else keys
+        results["memory"] = run_memory(mem_keys, n, args.quick, log)
+        timings["memory"] = time.perf_counter() - start
+    if "quality" in parts:
+        from . import quality
+        from .workloads import regression_data
+
+        start = time.perf_counter()
+        log("[quality] W1 time to quality")
+        X, y = regression_data(n)
+        results["quality"] = quality.run(X, y, reps=1 if args.quick else 3, log=log)
+        timings["quality"] = time.perf_counter() - start
+    if "sweep" in parts:
+        from . import sweep
+
+        start = time.perf_counter()
+        log("[sweep] fused engine scaling")
+        results["sweep"] = sweep.run(quick=args.quick, reps=1 if args.quick else 3,
+                                     warmup=args.warmup, log=log)
+        timings["sweep"] = time.perf_counter() - start
+
+    from . import report
+
+    results["targets"] = report.evaluate_targets(results)
+    timings["total"] = time.perf_counter() - t0
+    results["seconds"] = timings
+
+    env = results["environment"]
+    text = [
+        "",
+        "=" * 100,
+        f"onnxfit benchmarks ({results['mode']}), {results['date']}: python {env['python']}, "
+        f"{env['cpu_count']} CPUs, onnxruntime-training "
+        f"{env.get('onnxruntime-training-cpu', '?')}, scikit-learn {env.get('scikit-learn')}, "
+        f"torch {env.get('torch', 'not installed')}, numpy {env.get('numpy')}; "
+        f"onnxfit engines: {', '.join(results['engines'])}",
+        "Same footing: every row runs on 1 thread (onnxfit n_threads=1, "
+        "torch.set_num_threads(1), BLAS limited to 1 thread for scikit-learn's MLPs); "
+        "SGDRegressor gets float64 X prepared outside the timer.",
+        "",
+    ]
+    for w in results.get("epochs", []):
+        text += [report.format_epochs(w), ""]
+    if results.get("memory"):
+        text += [report.format_memory(results["memory"]), ""]
+    if results.get("quality"):
+        text += [report.format_quality(results["quality"]), ""]
+    if results.get("sweep"):
+        text += [report.format_sweep(results["sweep"]), ""]
+    text += [report.format_targets(results["targets"]), ""]
+    text.append("Wall time of this run: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("\n".join(text), flush=True)
+    report.write_files(results, out_dir, plot=not args.no_plot, log=log)
+    with open(os.path.join(out_dir, "report.txt"), "w") as f:
+        f.write("\n".join(text) + "\n")
+    log(f"Results written to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
