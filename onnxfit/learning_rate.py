@@ -18,11 +18,14 @@ Writing a new update rule
 Subclass :class:`BaseLearningRate`, list the per-weight state tensors in
 ``state_names`` and write :meth:`BaseLearningRate.update_body`: nodes that
 compute ``new_weight`` and ``new_<state>`` for each state from ``weight``,
-``gradient``, the scalar ``learning_rate``, the scalar ``step`` (update
-count, starting at 1) and each ``<state>``.  For example, Adam::
+``gradient``, the scalar ``learning_rate`` and each ``<state>`` (state
+tensors start as zeros shaped like the weight).  The engines feed no update
+count: a rule that needs one keeps it as a state, as ``count`` below
+(``new_count = Add(count, one)``).  For example, Adam
+(``tests/test_learning_rate.py`` has the complete rule)::
 
     class LearningRateAdam(BaseLearningRate):
-        state_names = ("m", "v")
+        state_names = ("m", "v", "count")
 
         def __init__(self, eta0=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8,
                      schedule="constant", power_t=0.25, alpha=1e-4):
