@@ -101,7 +101,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         its accuracy and keep the weights of the best epoch.
     validation_fraction : float, default=0.1
     class_weight : dict, 'balanced' or None, default=None
-        Weights of the classes, multiplied with ``sample_weight``.
+        Weights of the classes, multiplied with ``sample_weight``.  A dict is
+        rescaled to average 1 over ``classes_`` (classes it omits weigh 1):
+        only the ratios matter, so its scale does not change the step size.
         ``'balanced'`` uses ``n_samples / (n_classes * np.bincount(y))`` and
         is not available to ``partial_fit`` (as in ``SGDClassifier``).
     warm_start : bool, default=False
@@ -259,7 +261,12 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             return sample_weight
         y = column_or_1d(y)
         weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
-        return sample_weight * np.asarray(weights, dtype=np.float64)[self._class_index(y)]
+        weights = np.asarray(weights, dtype=np.float64)
+        if isinstance(self.class_weight, dict) and weights.mean() > 0:
+            # Only ratios matter: with a fixed learning rate, weights such as
+            # {0: 1000, 1: 1e-4} would otherwise multiply the steps by 1000.
+            weights = weights / weights.mean()
+        return sample_weight * weights[self._class_index(y)]
 
     def _validation_split(self, n_samples, y, rng):
         from sklearn.model_selection import StratifiedShuffleSplit
@@ -309,14 +316,6 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         info = self._graph_info
         classes = self.classes_
         n_classes = len(classes)
-        allowed = (1, 2) if n_classes == 2 and info.link != "probability" else (n_classes,)
-        if width not in allowed:
-            raise ValueError(
-                f"The graph's output {self.trained_output_!r} gives {width} value(s) per "
-                f"sample, but y has {n_classes} classes {classes.tolist()}: a "
-                "classification graph needs one score (or probability) per class, "
-                "or a single score when there are two classes."
-            )
         columns = np.arange(n_classes)
         if info.graph_classes is not None:
             graph_classes = list(info.graph_classes)
@@ -326,6 +325,14 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
                     f"{graph_classes}, but y has {n_classes}: {classes.tolist()}."
                 )
             columns = _match_classes(classes, graph_classes)
+        allowed = (1, 2) if n_classes == 2 and info.link != "probability" else (n_classes,)
+        if width not in allowed:
+            raise ValueError(
+                f"The graph's output {self.trained_output_!r} gives {width} value(s) per "
+                f"sample, but y has {n_classes} classes {classes.tolist()}: a "
+                "classification graph needs one score (or probability) per class, "
+                "or a single score when there are two classes."
+            )
         self._class_columns = columns
         self._class_of_column = np.argsort(columns)
         self._n_columns = width

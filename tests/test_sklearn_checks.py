@@ -1,11 +1,11 @@
 """scikit-learn's estimator checks, with only the expected failures that
 scikit-learn itself declares for SGDRegressor / SGDClassifier."""
 
-from sklearn.linear_model import SGDRegressor
+from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils._test_common.instance_generator import PER_ESTIMATOR_XFAIL_CHECKS
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from onnxfit import OnnxSGDRegressor
+from onnxfit import OnnxSGDClassifier, OnnxSGDRegressor
 
 
 def _expected_failures(sklearn_peer):
@@ -14,11 +14,11 @@ def _expected_failures(sklearn_peer):
 
 
 def test_expected_failures_come_from_scikit_learn():
-    failures = _expected_failures(SGDRegressor)
-    assert set(failures) == {
-        "check_sample_weight_equivalence_on_dense_data",
-        "check_sample_weight_equivalence_on_sparse_data",
-    }
+    for peer in (SGDRegressor, SGDClassifier):
+        assert set(_expected_failures(peer)) == {
+            "check_sample_weight_equivalence_on_dense_data",
+            "check_sample_weight_equivalence_on_sparse_data",
+        }
 
 
 @parametrize_with_checks(
@@ -26,4 +26,12 @@ def test_expected_failures_come_from_scikit_learn():
     expected_failed_checks=lambda est: _expected_failures(SGDRegressor),
 )
 def test_sklearn_compatible_regressor(estimator, check):
+    check(estimator)
+
+
+@parametrize_with_checks(
+    [OnnxSGDClassifier()],
+    expected_failed_checks=lambda est: _expected_failures(SGDClassifier),
+)
+def test_sklearn_compatible_classifier(estimator, check):
     check(estimator)
