@@ -67,7 +67,7 @@ class BaseOnnxSGD(BaseEstimator):
         "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "l1_ratio": [Interval(Real, 0, 1, closed="both")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, None, None, closed="neither"), None],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
@@ -172,7 +172,7 @@ class BaseOnnxSGD(BaseEstimator):
             validation = (X[val_idx], y[val_idx])
             X, labels, sample_weight = X[train_idx], labels[train_idx], sample_weight[train_idx]
 
-        batch_size = min(self.batch_size, len(X))
+        batch_size = self._batch_size(len(X))
         n_batches = -(-len(X) // batch_size)
         progress = None
         if self.verbose:
@@ -236,6 +236,19 @@ class BaseOnnxSGD(BaseEstimator):
             self.weights_ = best_weights
         self.best_loss_ = best_loss
         return self
+
+    def _batch_size(self, n_samples):
+        """Samples per update for a call on ``n_samples`` samples.
+
+        ``'auto'`` is ``n_samples // 1000`` clipped to [1, 64]: per-sample
+        updates on small data, as scikit-learn's SGD (whose accuracy per
+        epoch they match), and batches of 64 from 64,000 samples on, where
+        the cost of a step is amortised over enough samples to beat
+        per-sample updates in time to the same accuracy.
+        """
+        if self.batch_size == "auto":
+            return int(min(64, max(1, n_samples // 1000)))
+        return min(self.batch_size, n_samples)
 
     def _weight_samples(self, y, sample_weight):
         """Hook for class weights; regression uses sample_weight as is."""

@@ -30,6 +30,20 @@ from sklearn.base import BaseEstimator
 
 from .onnx_graphs import parse_piece
 
+#: Bound on the derivative of the squared terms, as scikit-learn's SGD
+#: (``MAX_DLOSS``): a diverging fit (unscaled data, too large a rate) stays
+#: finite instead of overflowing.  Written ``0.5 d clip(d)``, whose value is
+#: ``0.5 d^2`` and whose derivative is ``d`` as long as ``|d| <= MAX_DLOSS``.
+MAX_DLOSS = 1e12
+
+# Lines computing d2 = d * clip(d, -MAX_DLOSS, MAX_DLOSS) from d.
+_BOUNDED_SQUARE = """
+    max_dloss = Constant<value = {T} {{{max_dloss}}}>()
+    min_dloss = Neg(max_dloss)
+    d_clipped = Clip(d, min_dloss, max_dloss)
+    d2 = Mul(d, d_clipped)
+"""
+
 _LOSS_TEMPLATE = """
 loss_graph ({T}[] prediction, {T}[] label, {T}[N] sample_weight) => ({T} loss) {{
     {body}
@@ -78,16 +92,19 @@ class BaseLoss(BaseEstimator):
         # The body is formatted together with the template: escape nothing,
         # fields are filled in one pass by parse_piece.
         text = _LOSS_TEMPLATE.replace("{body}", body)
-        return parse_piece(text, dtype, **self.constants())
+        return parse_piece(text, dtype, **{"max_dloss": MAX_DLOSS, **self.constants()})
 
 
 class SquaredLoss(BaseLoss):
-    """Half squared error ``0.5 (p - y)^2``, as scikit-learn's SGD."""
+    """Half squared error ``0.5 (p - y)^2``, as scikit-learn's SGD.
+
+    Its derivative is bounded by :data:`MAX_DLOSS`, as in scikit-learn.
+    """
 
     def elementwise_body(self):
         return """
     d = Sub(prediction, label)
-    d2 = Mul(d, d)
+""" + _BOUNDED_SQUARE + """
     half = Constant<value = {T} {{0.5}}>()
     elementwise = Mul(d2, half)
 """
@@ -178,9 +195,12 @@ class SquaredEpsilonInsensitiveLoss(BaseLoss):
     d = Sub(prediction, label)
     a = Abs(d)
     eps = Constant<value = {T} {{{epsilon}}}>()
+    max_dloss = Constant<value = {T} {{{max_dloss}}}>()
+    min_dloss = Neg(max_dloss)
     shifted = Sub(a, eps)
     r = Relu(shifted)
-    elementwise = Mul(r, r)
+    r_clipped = Clip(r, min_dloss, max_dloss)
+    elementwise = Mul(r, r_clipped)
 """
 
 
@@ -205,7 +225,7 @@ class ElasticLoss(BaseLoss):
         return """
     d = Sub(prediction, label)
     a = Abs(d)
-    d2 = Mul(d, d)
+""" + _BOUNDED_SQUARE + """
     c1 = Constant<value = {T} {{{l1}}}>()
     c2 = Constant<value = {T} {{{l2}}}>()
     t1 = Mul(a, c1)

@@ -47,11 +47,11 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         L1 share of the ``'elasticnet'`` penalty.
     epsilon : float, default=0.1
         Threshold of the ``huber`` and ``epsilon_insensitive`` losses.
-    batch_size : int, default=64
-        Samples per update (capped at the number of samples).  64 reaches
-        SGDRegressor's accuracy on 100k rows in less time than its
-        per-sample updates; larger batches cost less per epoch but need
-        more epochs (or a larger ``eta0``).
+    batch_size : int or 'auto', default='auto'
+        Samples per update (capped at the number of samples).  ``'auto'``
+        is ``n_samples // 1000`` clipped to [1, 64]: per-sample updates on
+        small data, like ``SGDRegressor``, and batches of 64 on large data,
+        where they reach the same accuracy sooner.
     max_iter : int, default=1000
         Maximum number of epochs.
     tol : float or None, default=1e-3
@@ -117,7 +117,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
-        l1_ratio=0.15, epsilon=0.1, batch_size=64, max_iter=1000, tol=1e-3,
+        l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
         n_threads=1,

@@ -219,7 +219,10 @@ def test_grid_search_over_learning_rate_params():
     X, y = _scaled_diabetes()
     X, y = X[:150], y[:150]
     search = GridSearchCV(
-        OnnxSGDRegressor(learning_rate=LearningRateSGDNesterov(), random_state=0, max_iter=10, tol=None),
+        OnnxSGDRegressor(
+            learning_rate=LearningRateSGDNesterov(), batch_size=16, random_state=0, max_iter=10,
+            tol=None,
+        ),
         {"learning_rate__eta0": [1e-5, 1e-2], "alpha": [1e-4, 1e-2]},
         n_jobs=2, error_score="raise", cv=3,
     ).fit(X, y)
@@ -310,12 +313,27 @@ def test_negative_sample_weight_is_rejected():
 
 
 def test_divergence_is_reported():
+    # The squared loss's derivative is bounded (MAX_DLOSS, as scikit-learn),
+    # so only a float32 overflow of the predictions themselves can make the
+    # loss infinite: then fit says so instead of returning garbage.
     X, y = _linear_data()
     est = OnnxSGDRegressor(
         learning_rate=LearningRateSGD(eta0=1e4, schedule="constant"), max_iter=50, tol=None
     )
     with pytest.raises(ValueError, match="overflow"):
-        est.fit(X * 1e3, y * 1e3)
+        est.fit((X * 1e18).astype(np.float32), y * 1e3)
+
+
+def test_diverging_fit_stays_finite_like_sgdregressor():
+    # Unscaled data and a large rate: scikit-learn bounds the loss
+    # derivative at 1e12 and ends with huge but finite weights; so does
+    # onnxfit, instead of overflowing.
+    rng = np.random.RandomState(0)
+    X = rng.normal(loc=100, size=(80, 2))
+    y = rng.normal(size=80)
+    est = OnnxSGDRegressor(batch_size=1, max_iter=5, tol=None, random_state=0).fit(X, y)
+    assert all(np.all(np.isfinite(w)) for w in est.weights_.values())
+    assert np.abs(est.weights_["coef"]).max() > 1e6
 
 
 # -- fit / partial_fit protocol --------------------------------------------------------
