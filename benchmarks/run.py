@@ -49,6 +49,13 @@ def _versions():
     return out
 
 
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # pragma: no cover - not on every OS
+        return None
+
+
 def run_epochs(keys, n_samples, reps, warmup, two_threads, log):
     from .contestants import lineup
     from .timing import GEMM_SIZE, GemmProbe, run_round_robin
@@ -59,7 +66,7 @@ def run_epochs(keys, n_samples, reps, warmup, two_threads, log):
         start = time.perf_counter()
         wl = make_workload(key, n_samples=n_samples)
         log(f"[epochs] {key}: {wl.title}, N={wl.n_samples}")
-        contestants = lineup(wl, two_threads=False)
+        contestants = lineup(wl, two_threads=False, fit_loop=True)
         probes = [GemmProbe(), GemmProbe(threads=1)]
         res = run_round_robin(contestants, probes, reps=reps, warmup=warmup, log=log)
         records = res["records"]
@@ -160,32 +167,33 @@ def main(argv=None):
     if not results["torch"]:
         log("torch is not installed: PyTorch rows are skipped (pip install '.[bench]')")
     timings = {}
+    load = results["load"] = {}
+
+    def part(name, fn):
+        load[name] = [_loadavg()]
+        start = time.perf_counter()
+        results[name] = fn()
+        timings[name] = time.perf_counter() - start
+        load[name].append(_loadavg())
+
     if "epochs" in parts:
-        start = time.perf_counter()
-        results["epochs"] = run_epochs(keys, n, reps, args.warmup, args.two_threads, log)
-        timings["epochs"] = time.perf_counter() - start
+        part("epochs", lambda: run_epochs(keys, n, reps, args.warmup, args.two_threads, log))
     if "memory" in parts:
-        start = time.perf_counter()
         mem_keys = [k for k in keys if k != "W3"] if args.quick else keys
-        results["memory"] = run_memory(mem_keys, n, args.quick, log)
-        timings["memory"] = time.perf_counter() - start
+        part("memory", lambda: run_memory(mem_keys, n, args.quick, log))
     if "quality" in parts:
         from . import quality
         from .workloads import regression_data
 
-        start = time.perf_counter()
         log("[quality] W1 time to quality")
-        X, y = regression_data(n)
-        results["quality"] = quality.run(X, y, reps=1 if args.quick else 3, log=log)
-        timings["quality"] = time.perf_counter() - start
+        part("quality", lambda: quality.run(*regression_data(n), reps=1 if args.quick else 3,
+                                            log=log))
     if "sweep" in parts:
         from . import sweep
 
-        start = time.perf_counter()
         log("[sweep] fused engine scaling")
-        results["sweep"] = sweep.run(quick=args.quick, reps=1 if args.quick else 3,
-                                     warmup=args.warmup, log=log)
-        timings["sweep"] = time.perf_counter() - start
+        part("sweep", lambda: sweep.run(quick=args.quick, reps=1 if args.quick else 3,
+                                        warmup=args.warmup, log=log))
 
     from . import report
 
@@ -217,6 +225,15 @@ def main(argv=None):
         text += [report.format_sweep(results["sweep"]), ""]
     text += [report.format_targets(results["targets"]), ""]
     text.append("Wall time of this run: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    loads = [x for pair in load.values() for x in pair if x is not None]
+    if loads:
+        text.append("Machine load (1-minute average) before -> after each part: " + ", ".join(
+            f"{k} {v[0]:.1f} -> {v[1]:.1f}" for k, v in load.items() if None not in v))
+        busy = max(loads) > 0.75 * (os.cpu_count() or 1)
+        if busy:
+            text.append("WARNING: other processes were competing for the CPUs during this run: "
+                        "absolute times are inflated and noisier; the interleaved ratios suffer "
+                        "less, but re-run on a quiet machine before trusting a close call.")
     print("\n".join(text), flush=True)
     report.write_files(results, out_dir, plot=not args.no_plot, log=log)
     with open(os.path.join(out_dir, "report.txt"), "w") as f:

@@ -1,0 +1,163 @@
+"""Where the time of an epoch goes: ``python -m benchmarks.profile_step W1``.
+
+Breaks one ``partial_fit`` epoch of the fused engine (batch 256, 1 thread)
+into its parts, each timed alone in a tight loop (median of 5 loops):
+
+* ``run``     -- ``session.run_with_iobinding`` of the training graph (forward,
+  loss, gradients and update: the onnxruntime part);
+* ``gather``  -- ``np.take`` of a shuffled batch into the bound buffers;
+* ``validate``-- scikit-learn's ``validate_data`` of X and y, which
+  ``partial_fit`` runs on every call;
+* ``permute`` -- the epoch's permutation;
+* ``rest``    -- what remains (the Python loop, per-epoch label/weight
+  preparation).
+
+``--ort-profile`` adds onnxruntime's own profiler (``enable_profiling``):
+kernel time per operator type, from a session on the same training graph.
+Profiling inflates every kernel, so read its shares, not its microseconds.
+
+This tool reads the fused engine's internals (``_runtime.engine``, its batch
+buffers and bindings); it is a developer's aid, not part of the suite's
+results, and may need adjusting when the engine changes.
+"""
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def _loop_us(fn, reps, loops=5):
+    out = []
+    for _ in range(loops):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out.append((time.perf_counter() - start) / reps)
+    return 1e6 * statistics.median(out)
+
+
+def breakdown(key, n_samples=100_000):
+    from sklearn.utils.validation import validate_data
+
+    from .contestants import OnnxfitContestant
+    from .workloads import make_workload
+
+    wl = make_workload(key, n_samples=n_samples)
+    c = OnnxfitContestant(wl, "fused")
+    c.setup()
+    c.epoch()
+    est = c.est
+    engine = est._runtime.engine
+    X, n, b = wl.X, wl.n_samples, wl.batch_size
+    steps = -(-n // b)
+    buffers = engine._batch_buffers(b, X.shape[1])
+    binding = buffers.bindings[0]
+    if wl.task == "classification":
+        labels = buffers.label.copy()
+        labels = np.resize(labels, (n,) + labels.shape[1:])
+    else:
+        labels = np.asarray(wl.y, dtype=buffers.label.dtype).reshape((n,) + buffers.label.shape[1:])
+    weights = np.ones(n, dtype=buffers.sample_weight.dtype)
+    order = np.random.default_rng(0).permutation(n)
+    k = [0]
+
+    def gather():
+        s = (k[0] % (n // b)) * b
+        k[0] += 1
+        buffers.gather(X, labels, weights, order[s:s + b])
+
+    parts = {
+        "run": _loop_us(lambda: engine.session.run_with_iobinding(binding), 1000) * steps,
+        "gather": _loop_us(gather, 1000) * steps,
+        "validate": _loop_us(lambda: validate_data(
+            est, X, wl.y, reset=False, dtype=[np.float64, np.float32], multi_output=True,
+            y_numeric=wl.task == "regression"), 20),
+        "permute": _loop_us(lambda: np.random.RandomState(0).permutation(n), 20),
+    }
+    epoch = _loop_us(c.epoch, 3)
+    parts["rest"] = epoch - sum(parts.values())
+    return dict(workload=key, epoch_us=epoch, steps=steps,
+                nodes=len(engine.training_model.graph.node),
+                parts=parts, training_model=engine.training_model, workload_obj=wl,
+                engine=engine)
+
+
+def ort_profile(info, runs=2000):
+    import onnxruntime
+
+    from onnxfit.gradient import session_options
+
+    wl, engine = info["workload_obj"], info["engine"]
+    opts = session_options(1)
+    opts.enable_profiling = True
+    tmp = tempfile.mkdtemp(prefix="onnxfit-ortprof-")
+    opts.profile_file_prefix = os.path.join(tmp, "prof")
+    sess = onnxruntime.InferenceSession(info["training_model"].SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+    buffers = engine._batch_buffers(wl.batch_size, wl.X.shape[1])
+    values = dict(engine._sets[0]) if hasattr(engine, "_sets") else {}
+    feeds = {}
+    for value in sess.get_inputs():
+        name = value.name
+        if name == engine.problem.input_name:
+            feeds[name] = buffers.X
+        elif name.endswith("label"):
+            feeds[name] = buffers.label
+        elif name.endswith("sample_weight"):
+            feeds[name] = np.ones_like(buffers.sample_weight)
+        elif name.endswith("learning_rate"):
+            feeds[name] = np.array(1e-3, dtype=engine.problem.dtype)
+        elif name in values:
+            feeds[name] = values[name]
+        else:
+            raise KeyError(f"no value for input {name!r}")
+    outputs = [o.name for o in sess.get_outputs()]
+    for _ in range(runs):
+        sess.run(outputs, feeds)
+    path = sess.end_profiling()
+    with open(path) as f:
+        events = json.load(f)
+    by_op, per_run = collections.defaultdict(float), []
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"].get("op_name", "?")] += e["dur"]
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            per_run.append(e["dur"])
+    os.remove(path)
+    total = sum(by_op.values())
+    return dict(model_run_us=statistics.median(per_run) if per_run else None,
+                kernel_us=total / max(1, len(per_run)),
+                by_op={op: d / total for op, d in sorted(by_op.items(), key=lambda x: -x[1])})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workloads", nargs="*", default=["W1", "W2"])
+    parser.add_argument("--ort-profile", action="store_true")
+    args = parser.parse_args(argv)
+    for key in args.workloads:
+        info = breakdown(key)
+        ep, steps = info["epoch_us"], info["steps"]
+        print(f"{key}: one partial_fit epoch {ep / 1e3:.2f} ms = {ep / steps:.1f} us per step "
+              f"({steps} steps; training graph of {info['nodes']} nodes)")
+        for name, us in info["parts"].items():
+            print(f"  {name:9s} {us / 1e3:7.2f} ms/epoch  {us / steps:6.1f} us/step  "
+                  f"{100 * us / ep:5.1f}%")
+        if args.ort_profile:
+            prof = ort_profile(info)
+            print(f"  onnxruntime profiler: model_run {prof['model_run_us']:.1f} us, kernels "
+                  f"{prof['kernel_us']:.1f} us per run (profiling on: inflated); kernel share:")
+            print("    " + ", ".join(f"{op} {100 * s:.0f}%" for op, s in prof["by_op"].items()
+                                     if s >= 0.01))
+
+
+if __name__ == "__main__":
+    main()
