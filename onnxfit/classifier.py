@@ -1,13 +1,14 @@
 """OnnxSGDClassifier: train an ONNX classification graph with SGD."""
 
 import numpy as np
+import onnx
 from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.metrics import accuracy_score
 from sklearn.utils import compute_class_weight
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from .classifier_graph import (
     analyse_classifier_graph,
@@ -18,6 +19,7 @@ from .classifier_graph import (
 from .estimator import BaseOnnxSGD
 from .losses import CLASSIFICATION_LOSSES, BaseLoss, make_loss
 from .model import OnnxModel, linear_model
+from .onnx_graphs import onnx_elem_type
 
 
 class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
@@ -246,9 +248,11 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     def _class_index(self, y):
         """Positions of the labels ``y`` in ``classes_``."""
         classes = self.classes_
-        index = np.searchsorted(classes, y)
-        index = np.minimum(index, len(classes) - 1)
-        unknown = classes[index] != y
+        try:
+            index = np.minimum(np.searchsorted(classes, y), len(classes) - 1)
+            unknown = classes[index] != y
+        except TypeError:  # labels of another type than classes_
+            index, unknown = np.zeros(len(y), dtype=np.intp), np.ones(len(y), dtype=bool)
         if np.any(unknown):
             raise ValueError(
                 f"y contains labels {np.unique(y[unknown]).tolist()} that are not "
@@ -370,7 +374,12 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         infos = {v.name: v for v in graph.value_info}
         for name in (self.trained_output_, self._graph_info.probability_output):
             if name and name not in present:
-                graph.output.append(infos[name])
+                info = infos.get(name)
+                if info is None:
+                    info = onnx.helper.make_tensor_value_info(
+                        name, onnx_elem_type(self.dtype_), None
+                    )
+                graph.output.append(info)
                 present.add(name)
         return model
 
@@ -434,11 +443,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
                 class_key(info.graph_classes[column]): k
                 for k, column in enumerate(self._class_columns)
             }
-            index = np.fromiter(
-                (lookup[class_key(v)] for v in np.ravel(labels)), dtype=np.intp,
-                count=np.size(labels),
-            )
-            return self.classes_[index]
+            values, inverse = np.unique(np.ravel(labels), return_inverse=True)
+            index = np.array([lookup[class_key(v)] for v in values], dtype=np.intp)
+            return self.classes_[index[inverse]]
         if info.probability_output is not None:
             out = self._outputs(X, [info.probability_output])[0]
             columns = self._columns_of(np.asarray(out), "probability")

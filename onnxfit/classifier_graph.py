@@ -191,7 +191,10 @@ def infer_value_types(model):
     """``model`` with inferred shapes, and a float type for the ZipMap inputs
     and Normalizer outputs that onnx's inference leaves untyped (both are
     float tensors by definition); needed to extract sub-graphs ending there."""
-    model = onnx.shape_inference.infer_shapes(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a convenience: without it, fewer
+        return model   # intermediate values can be named or recognised
     graph = model.graph
     typed = set(_value_types(model))
     untyped = set()
@@ -311,7 +314,8 @@ def analyse_classifier_graph(model, input_name, output_name=None):
                 f"probabilities instead (float tensor outputs: {float_outputs})."
             )
     labelled = bool(zipmaps) or label_output is not None
-    graph_classes = _graph_classes(model, zipmaps, probabilities)
+    # Only a converted classifier (label or ZipMap output) names its classes.
+    graph_classes = _graph_classes(model, zipmaps, probabilities) if labelled else None
 
     scores = _find_scores(graph, input_name, producers, probabilities)
     link = None

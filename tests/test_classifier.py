@@ -5,7 +5,6 @@ export, and the acceptance results of issue 3."""
 import pickle
 
 import numpy as np
-import onnx
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from onnx import TensorProto, helper, numpy_helper
@@ -374,6 +373,8 @@ def test_partial_fit(iris):
         clf.partial_fit(X, y, classes=[0, 1, 2, 3])
     with pytest.raises(ValueError, match="not among the classes"):
         clf.partial_fit(X, y + 5)
+    with pytest.raises(ValueError, match="not among the classes"):
+        clf.partial_fit(X, np.array(["a", "b", "c"])[y])
     with pytest.raises(ValueError, match="balanced"):
         OnnxSGDClassifier(class_weight="balanced").partial_fit(X, y, classes=[0, 1, 2])
 
@@ -413,6 +414,25 @@ def test_early_stopping_restores_best_weights(digits):
     _, val = next(split.split(np.zeros(len(y_train)), y_train))
     assert np.isclose(clf.score(X_train[val], y_train[val]), max(scores))
     assert len(clf.loss_curve_) == clf.n_iter_
+
+
+@pytest.mark.parametrize("graph", ["default", "mlp", "skl2onnx-sgd", "skl2onnx-mlp"])
+def test_engines_agree(iris, graph):
+    X, y = iris
+    onnx_model = {
+        "default": None,
+        "mlp": mlp_graph(4, (8,), 3),
+        "skl2onnx-sgd": convert(SGDClassifier(loss="log_loss", max_iter=3,
+                                              random_state=0).fit(X, y), X),
+        "skl2onnx-mlp": convert(MLPClassifier((8,), max_iter=3, random_state=0).fit(X, y), X),
+    }[graph]
+    fitted = [
+        OnnxSGDClassifier(onnx_model, engine=engine, max_iter=4, tol=None,
+                          random_state=0).fit(X, y)
+        for engine in ("fused", "forward_backward")
+    ]
+    for name in fitted[0].weights_:
+        assert_allclose(fitted[0].weights_[name], fitted[1].weights_[name], atol=1e-6)
 
 
 def test_pickle_has_no_onnxruntime_object(iris):
