@@ -186,7 +186,7 @@ def main(argv=None):
         from .workloads import regression_data
 
         log("[quality] W1 time to quality")
-        part("quality", lambda: quality.run(*regression_data(n), reps=1 if args.quick else 3,
+        part("quality", lambda: quality.run(*regression_data(n), reps=1 if args.quick else 7,
                                             log=log))
     if "sweep" in parts:
         from . import sweep

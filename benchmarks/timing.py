@@ -1,11 +1,17 @@
 """Seconds per epoch, measured fairly: one process, interleaved contestants.
 
 Every contestant is set up first; then ``warmup`` untimed rounds; then
-``reps`` rounds in which each contestant runs one timed epoch, the order
-rotating by one position per round (round-robin), so that slow drifts of a
-noisy machine hit everyone alike.  The figure kept is the median.  The
+``reps`` rounds in which each contestant runs one timed epoch (round-robin),
+so that slow drifts of a noisy machine hit everyone alike.  The figure kept is the median.  The
 float32 GEMM probe (a 2048 x 2048 numpy matmul) takes part in the rounds
 like a contestant, so the ceiling comes from the same conditions.
+
+Before every timed epoch the runner evicts the CPU caches (it rewrites a
+buffer twice the size of a large L3), untimed: otherwise whoever runs right
+after another contestant on the same array finds the data warm (W3's X
+fits in a 32 MB L3) and whoever runs after the GEMM probe finds it cold.
+The order of each round is a fresh (seeded) permutation, so that no
+contestant always follows the same neighbour.
 
 Multi-threaded entrants (numpy's default-thread GEMM, 2-thread rows) leave
 worker threads spinning for a while after they return (OpenBLAS, OpenMP,
@@ -65,12 +71,25 @@ class GemmProbe:
         return 2.0 * GEMM_SIZE ** 3
 
 
+_FLUSH = None
+
+
+def evict_caches(size=64 * 2**20):
+    """Rewrite ``size`` bytes so that the last-level cache holds none of the
+    data of the previous entrant."""
+    global _FLUSH
+    if _FLUSH is None or _FLUSH.nbytes != size:
+        _FLUSH = np.zeros(size // 8, dtype=np.float64)
+    _FLUSH += 1.0
+
+
 def _multi_threaded(entrant):
     return getattr(entrant, "threads", 1) != 1
 
 
 def _timed(contestant, settle=0.0):
     gc.collect()
+    evict_caches()
     contestant.before_epoch()
     try:
         start = time.perf_counter()
@@ -131,9 +150,10 @@ def run_round_robin(contestants, probes, reps, warmup, log=print, settle=0.2):
             _timed(p, settle)
     probe_times = {p.id: [] for p in probes}
     entrants = [("c", c, rec) for c, rec in active] + [("p", p, None) for p in probes]
+    rng = np.random.default_rng(0)
     for r in range(reps):
-        k = r % len(entrants) if entrants else 0
-        for kind, c, rec in entrants[k:] + entrants[:k]:
+        for i in rng.permutation(len(entrants)):
+            kind, c, rec = entrants[i]
             if kind == "p":
                 probe_times[c.id].append(_timed(c, settle))
             elif rec["status"] == "ok":
