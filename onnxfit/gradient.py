@@ -132,6 +132,7 @@ def build_gradient_model(model, loss_name, wrt_names, rewrite=True):
         loss_out = next(o for o in result.graph.output if o.name == builder_loss)
         loss_out.name = loss_name
         loss_out.type.tensor_type.elem_type = TensorProto.DOUBLE
+    replace_fused_matmul(result)
     if rewrite:
         rewrite_training_ops(result)
         rewrite_bias_gradients(result, wrt_names)
@@ -274,6 +275,90 @@ def rewrite_training_ops(model):
     if changed:
         del graph.node[:]
         graph.node.extend(new_nodes)
+    return model
+
+
+def _fused_matmul_text(rank_a, rank_b, trans_a, trans_b, alpha):
+    """Standard ops for ``FusedMatMul`` of known ranks, or None.
+
+    In 1.19.2 the FusedMatMul kernel computes ``A^T b`` wrongly when ``b`` is
+    1-D (a rank-1 weight after a MatMul, e.g. ``X @ w`` with ``w`` of shape
+    (k,)): the gradient builder emits exactly that, and training silently
+    goes astray.  For a vector ``b``, ``A^T b == b @ A``; for 2-D operands
+    Gemm does the same as FusedMatMul (and has a float64 kernel).
+    """
+    scale = "" if alpha == 1.0 else "_unscaled"
+    if rank_a == 2 and rank_b == 2:
+        body = f"Y{scale} = Gemm<transA = {trans_a}, transB = {trans_b}>(A, B)"
+    elif rank_a == 2 and rank_b == 1 and not trans_b:
+        body = f"Y{scale} = MatMul(B, A)" if trans_a else f"Y{scale} = MatMul(A, B)"
+    elif rank_a == 1 and rank_b == 2 and not trans_a:
+        body = f"Y{scale} = MatMul(B, A)" if trans_b else f"Y{scale} = MatMul(A, B)"
+    else:
+        return None
+    if scale:
+        body += f"""
+    alpha_f = Constant<value = float {{{{{alpha!r}}}}}>()
+    alpha = CastLike(alpha_f, Y_unscaled)
+    Y = Mul(Y_unscaled, alpha)"""
+    return f"""
+fused_matmul (float[] A, float[] B) => (float[] Y) {{{{
+    {body}
+}}}}
+"""
+
+
+def replace_fused_matmul(model):
+    """Replace the builder's ``FusedMatMul`` nodes by standard ops.
+
+    Done for every gradient graph onnxfit builds, whatever ``rewrite``
+    says, since it fixes wrong gradients (see :func:`_fused_matmul_text`).
+    Nodes whose operand ranks shape inference cannot tell, or that batch
+    transposes, are kept.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Modified in place.
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    graph = model.graph
+    if not any(n.op_type == "FusedMatMul" for n in graph.node):
+        return model
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            ranks[value.name] = len(value.type.tensor_type.shape.dim)
+    for init in graph.initializer:
+        ranks[init.name] = len(init.dims)
+    new_nodes = []
+    for k, node in enumerate(graph.node):
+        text = None
+        if node.op_type == "FusedMatMul" and node.domain == "com.microsoft":
+            attrs = {a.name: a for a in node.attribute}
+            batch = any(attrs[n].i for n in ("transBatchA", "transBatchB") if n in attrs)
+            if not batch:
+                text = _fused_matmul_text(
+                    ranks.get(node.input[0]), ranks.get(node.input[1]),
+                    attrs["transA"].i if "transA" in attrs else 0,
+                    attrs["transB"].i if "transB" in attrs else 0,
+                    attrs["alpha"].f if "alpha" in attrs else 1.0,
+                )
+        if text is None:
+            new_nodes.append(node)
+            continue
+        scratch = onnx.GraphProto()
+        append_piece(
+            scratch, parse_piece(text, np.float32), prefix=f"onnxfit.matmul.{k}.",
+            inputs={"A": node.input[0], "B": node.input[1]}, outputs={"Y": node.output[0]},
+        )
+        new_nodes.extend(scratch.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
     return model
 
 
@@ -451,6 +536,7 @@ def build_module_gradient(model, weight_names, input_names_with_gradient=(), rew
         raise ValueError(_explain_gradient_failure(model, exc)) from exc
     gradient_model = onnx.load_from_string(builder.get_gradient_model())
     gradient_model.ir_version = min(model.ir_version, gradient_model.ir_version)
+    replace_fused_matmul(gradient_model)
     if rewrite:
         rewrite_training_ops(gradient_model)
         rewrite_bias_gradients(gradient_model, weight_names)
