@@ -269,44 +269,50 @@ def _plot(results, out_dir):
 
     epochs = results.get("epochs", [])
     sweep = results.get("sweep")
-    n_plots = len(epochs) + (2 if sweep else 0)
-    if not n_plots:
+    if not epochs and not sweep:
         return
-    fig, axes = plt.subplots(1, n_plots, figsize=(4.6 * n_plots, 4.2), squeeze=False)
-    axes = list(axes[0])
+    n_rows = (1 if epochs else 0) + (1 if sweep else 0)
+    fig, grid = plt.subplots(n_rows, 3, figsize=(15, 4.2 * n_rows), squeeze=False)
     colours = {"onnxfit": "tab:blue", "scikit-learn": "tab:orange", "pytorch": "tab:red",
                "numpy": "tab:gray"}
-    for ax, w in zip(axes, epochs):
-        recs = [r for r in w["records"] if r["s_per_epoch"] is not None]
-        labels = [r["label"] for r in recs]
-        values = [r["s_per_epoch"] for r in recs]
-        cols = [colours.get(r["library"], "k") for r in recs]
-        if w.get("ceiling_s"):
-            labels.append("GEMM ceiling")
-            values.append(w["ceiling_s"])
-            cols.append(colours["numpy"])
-        ax.barh(range(len(values)), values, color=cols)
-        ax.set_yticks(range(len(values)))
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds per epoch (median)")
-        ax.set_title(f"{w['workload']}: {w['title']}", fontsize=8)
+    if epochs:
+        for ax in grid[0][len(epochs):]:
+            ax.axis("off")
+        for ax, w in zip(grid[0], epochs):
+            recs = [r for r in w["records"] if r["s_per_epoch"] is not None]
+            labels = [r["label"] for r in recs]
+            values = [r["s_per_epoch"] for r in recs]
+            cols = [colours.get(r["library"], "k") for r in recs]
+            if w.get("ceiling_s"):
+                labels.append("GEMM ceiling")
+                values.append(w["ceiling_s"])
+                cols.append(colours["numpy"])
+            ax.barh(range(len(values)), values, color=cols)
+            ax.set_yticks(range(len(values)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("seconds per epoch (median)")
+            ax.set_title(f"{w['workload']}: {w['title']}", fontsize=9)
     if sweep:
-        ax = axes[len(epochs)]
+        row = grid[n_rows - 1]
         for key, label in (("W2_batch_sweep", "W2"), ("W1_batch_sweep", "W1")):
             pts = [r for r in sweep.get(key, []) if r["us_per_step"]]
-            ax.loglog([r["batch_size"] for r in pts], [r["us_per_step"] for r in pts],
-                      "o-", label=label)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("us per step")
-        ax.set_title("fused engine: step time vs batch", fontsize=8)
-        ax.legend(fontsize=7)
-        ax = axes[len(epochs) + 1]
+            batches = [r["batch_size"] for r in pts]
+            row[0].loglog(batches, [r["us_per_step"] for r in pts], "o-", label=label)
+            row[1].semilogx(batches, [r["s_per_epoch"] for r in pts], "o-", label=label)
+        row[0].set_xlabel("batch size")
+        row[0].set_ylabel("us per step")
+        row[0].set_title("fused engine: time of a step", fontsize=9)
+        row[0].legend(fontsize=8)
+        row[1].set_xlabel("batch size")
+        row[1].set_ylabel("seconds per epoch")
+        row[1].set_title("fused engine: epoch time vs batch size (N fixed)", fontsize=9)
+        row[1].legend(fontsize=8)
         pts = [r for r in sweep.get("n_sweep", []) if r["s_per_epoch"]]
-        ax.loglog([r["n_samples"] for r in pts], [r["s_per_epoch"] for r in pts], "o-")
-        ax.set_xlabel("rows (W1, batch 256)")
-        ax.set_ylabel("seconds per epoch")
-        ax.set_title("fused engine: epoch time vs N", fontsize=8)
+        row[2].loglog([r["n_samples"] for r in pts], [r["s_per_epoch"] for r in pts], "o-")
+        row[2].set_xlabel("rows (W1, batch 256)")
+        row[2].set_ylabel("seconds per epoch")
+        row[2].set_title("fused engine: epoch time vs N", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=110)
     plt.close(fig)

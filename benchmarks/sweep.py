@@ -4,10 +4,10 @@
   linearly in N; the time per sample shows the fixed costs of an epoch
   (``partial_fit``'s validation, the permutation) fading.
 * W2 (and W1) as the batch size grows (32 to 4096), N fixed: the time of
-  one step is fitted as ``t_step = a + b * batch`` (least squares); ``a`` is
-  the fixed per-step cost (Python, onnxruntime's call, kernel launches),
-  ``b`` the cost per sample, and ``a / b`` the batch size at which both are
-  equal -- beyond it the arithmetic dominates.
+  one step is split as ``t_step = a + b * batch`` (see :func:`overhead_fit`);
+  ``a`` is the fixed per-step cost (Python, onnxruntime's call, one launch
+  per graph node), ``b`` the cost per sample, and ``a / b`` the batch size
+  at which both are equal -- beyond it the arithmetic dominates.
 
 Each point is an ``OnnxSGDRegressor`` used through ``partial_fit`` as in
 the main table; the points of one sweep are timed round-robin, like the
@@ -71,15 +71,23 @@ def batch_sweep(key, n_samples, batch_sizes, reps, warmup, log=print):
 
 
 def overhead_fit(rows):
-    """Least-squares ``us_per_step = a + b * batch`` over the sweep's points."""
-    pts = [(r["batch_size"], r["us_per_step"]) for r in rows if r["us_per_step"]]
+    """Split a step's time into a fixed cost and a per-sample cost.
+
+    ``b`` (us per sample) is the median of ``us_per_step / batch`` over the
+    largest batches (>= 1024, or the two largest), where the fixed cost no
+    longer matters; ``a`` (us per step) is the median of ``us_per_step -
+    b * batch`` over the smallest batches (<= 128, or the two smallest).
+    A straight-line least-squares fit over all points would be driven by the
+    large batches and understate ``a``.
+    """
+    pts = sorted((r["batch_size"], r["us_per_step"]) for r in rows if r["us_per_step"])
     if len(pts) < 2:
         return None
-    B = np.array([p[0] for p in pts], dtype=float)
-    T = np.array([p[1] for p in pts], dtype=float)
-    b, a = np.polyfit(B, T, 1)
-    return dict(a_us=float(a), b_us_per_sample=float(b),
-                crossover_batch=float(a / b) if b > 0 else None)
+    large = [p for p in pts if p[0] >= 1024] or pts[-2:]
+    small = [p for p in pts if p[0] <= 128] or pts[:2]
+    b = float(np.median([t / batch for batch, t in large]))
+    a = float(np.median([t - b * batch for batch, t in small]))
+    return dict(a_us=a, b_us_per_sample=b, crossover_batch=a / b if b > 0 else None)
 
 
 def _fmt(x):
