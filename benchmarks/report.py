@@ -49,7 +49,7 @@ def epoch_lookup(epochs):
 def evaluate_targets(results):
     rows = []
     lookup = epoch_lookup(results.get("epochs", []))
-    for name, num, den, limit in TARGETS:
+    for name, num, den, limit in (TARGETS if results.get("epochs") else []):
         a, b = lookup.get(num), lookup.get(den)
         value = a / b if a is not None and b else None
         rows.append(dict(target=name, value=value, limit=limit,
