@@ -1,7 +1,6 @@
 """OnnxSGDClassifier: train an ONNX classification graph with SGD."""
 
 import numpy as np
-import onnx
 from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.metrics import accuracy_score
 from sklearn.utils import compute_class_weight
@@ -19,7 +18,6 @@ from .classifier_graph import (
 from .estimator import BaseOnnxSGD
 from .losses import CLASSIFICATION_LOSSES, BaseLoss, make_loss
 from .model import OnnxModel, linear_model
-from .onnx_graphs import onnx_elem_type
 
 
 class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
@@ -366,22 +364,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             )
         return make_loss(self.loss, CLASSIFICATION_LOSSES, scores=kind)
 
-    def _prediction_model(self):
-        """``to_onnx()`` with the trained and probability values as outputs."""
-        model = self.to_onnx()
-        graph = model.graph
-        present = {o.name for o in graph.output}
-        infos = {v.name: v for v in graph.value_info}
-        for name in (self.trained_output_, self._graph_info.probability_output):
-            if name and name not in present:
-                info = infos.get(name)
-                if info is None:
-                    info = onnx.helper.make_tensor_value_info(
-                        name, onnx_elem_type(self.dtype_), None
-                    )
-                graph.output.append(info)
-                present.add(name)
-        return model
+    def _prediction_outputs(self):
+        """The trained value and, when it differs, the probabilities."""
+        return [self.trained_output_, self._graph_info.probability_output]
 
     # -- prediction ---------------------------------------------------------------
     def _columns_of(self, out, link):

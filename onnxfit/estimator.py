@@ -12,6 +12,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import onnx
+from onnx import helper
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -22,7 +23,8 @@ from .engines import ENGINES, TrainingProblem, make_engine
 from .gradient import make_session
 from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
 from .losses import BaseLoss
-from .model import OnnxModel, linear_model, load_onnx, normalise_model
+from .model import OnnxModel, load_onnx, normalise_model
+from .onnx_graphs import onnx_elem_type
 from .penalties import ElasticNetPenalty, make_penalty
 
 
@@ -266,10 +268,26 @@ class BaseOnnxSGD(BaseEstimator):
         the scores to train)."""
         return OnnxModel(model, self.weights_to_train, self.output_name)
 
+    def _prediction_outputs(self):
+        """Values that predictions read: the trained output (subclasses add
+        more, e.g. probabilities)."""
+        return [self.trained_output_]
+
     def _prediction_model(self):
-        """Hook: the graph predictions run on, :meth:`to_onnx` (a subclass may
-        expose intermediate values as extra outputs)."""
-        return self.to_onnx()
+        """:meth:`to_onnx` with each of :meth:`_prediction_outputs` exposed
+        as a graph output (the trained value may be an intermediate one)."""
+        model = self.to_onnx()
+        graph = model.graph
+        present = {o.name for o in graph.output}
+        infos = {v.name: v for v in graph.value_info}
+        for name in self._prediction_outputs():
+            if name and name not in present:
+                info = infos.get(name)
+                if info is None:
+                    info = helper.make_tensor_value_info(name, onnx_elem_type(self.dtype_), None)
+                graph.output.append(info)
+                present.add(name)
+        return model
 
     def _start(self, X, labels, keep_weights):
         """Build the model and reset the training state (``fit`` or the first

@@ -230,7 +230,10 @@ class OnnxModel:
 
     def _extract(self, output_name):
         try:
-            forward = Extractor(self.model).extract_model([self.input_name], [output_name])
+            # The extractor needs the type of an intermediate output_name,
+            # which only shape inference records.
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+            forward = Extractor(inferred).extract_model([self.input_name], [output_name])
         except Exception as exc:
             raise ValueError(
                 f"Cannot extract the part of the graph computing {output_name!r}: {exc}"

@@ -328,3 +328,26 @@ def test_default_linear_model_follows_the_dtype_of_X(dtype):
     assert est.dtype_ == dtype
     assert est.weights_["coef"].shape == (3, 1) and est.weights_["intercept"].shape == (1,)
     assert est.onnx_model_.ir_version <= MAX_IR_VERSION
+
+
+def test_intermediate_value_as_output_name():
+    # Train the hidden layer's activations (a value, not a graph output).
+    model = mlp_graph(4, (3,), 1)
+    rng = np.random.default_rng(0)
+    X = rng.random((60, 4)).astype(np.float32)
+    y = rng.random((60, 3))
+    est = OnnxSGDRegressor(model, output_name="H0", max_iter=3, tol=None, random_state=0)
+    est.fit(X, y)
+    assert est.trained_output_ == "H0"
+    assert est.weights_to_train_ == ["W0", "B0"]
+    assert est.predict(X).shape == (60, 3)
+    session = onnxruntime.InferenceSession(
+        _with_output(est.to_onnx(), "H0").SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    np.testing.assert_array_equal(session.run(["H0"], {"X": X})[0], est.predict(X))
+
+
+def _with_output(model, name):
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return model
