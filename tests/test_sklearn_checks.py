@@ -22,7 +22,7 @@ def test_expected_failures_come_from_scikit_learn():
 
 
 @parametrize_with_checks(
-    [OnnxSGDRegressor()],
+    [OnnxSGDRegressor(), OnnxSGDRegressor(engine="forward_backward")],
     expected_failed_checks=lambda est: _expected_failures(SGDRegressor),
 )
 def test_sklearn_compatible_regressor(estimator, check):
@@ -30,7 +30,7 @@ def test_sklearn_compatible_regressor(estimator, check):
 
 
 @parametrize_with_checks(
-    [OnnxSGDClassifier()],
+    [OnnxSGDClassifier(), OnnxSGDClassifier(engine="forward_backward")],
     expected_failed_checks=lambda est: _expected_failures(SGDClassifier),
 )
 def test_sklearn_compatible_classifier(estimator, check):
