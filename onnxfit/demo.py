@@ -63,8 +63,8 @@ def regression_demo(out=print):
         ).fit(X_train_s, y_train)
     onnx_mlp = _convert(mlp, X_train_s)
     trained = OnnxSGDRegressor(
-        onnx_mlp, learning_rate=LearningRateSGDNesterov(eta0=1e-4), early_stopping=True,
-        n_iter_no_change=10, random_state=0,
+        onnx_mlp, learning_rate=LearningRateSGDNesterov(eta0=1e-4), batch_size=32,
+        early_stopping=True, n_iter_no_change=10, random_state=0,
     )
     start = time.perf_counter()
     trained.fit(X_train_s, y_train)
@@ -77,6 +77,52 @@ def regression_demo(out=print):
     out(f"  exported graph vs predict(): max |difference| = {gap:.2g}")
 
 
+def classification_demo(out=print):
+    """Digits: an MLPClassifier converted with its ZipMap output, trained further."""
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from . import OnnxSGDClassifier
+
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=0.25, random_state=0, stratify=y
+    )
+    scaler = StandardScaler().fit(X_train)
+    X_train = scaler.transform(X_train).astype(np.float32)
+    X_test = scaler.transform(X_test).astype(np.float32)
+    out("== load_digits (10 classes, test accuracy) ==")
+    for name, estimator in [
+        ("scikit-learn SGDClassifier(loss='log_loss')", SGDClassifier(loss="log_loss", random_state=0)),
+        ("onnxfit OnnxSGDClassifier()", OnnxSGDClassifier(random_state=0)),
+    ]:
+        start = time.perf_counter()
+        estimator.fit(X_train, y_train)
+        out(f"  {name:<44} {estimator.score(X_test, y_test):7.3f}   "
+            f"({time.perf_counter() - start:.2f} s)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=3, random_state=0)
+        mlp.fit(X_train, y_train)
+    onnx_mlp = _convert(mlp, X_train)  # label + ZipMap probabilities
+    clf = OnnxSGDClassifier(onnx_mlp, random_state=0)
+    start = time.perf_counter()
+    clf.fit(X_train, y_train)
+    elapsed = time.perf_counter() - start
+    out(f"  {'scikit-learn MLPClassifier(32), 3 epochs':<44} {mlp.score(X_test, y_test):7.3f}")
+    out(f"  {'  same graph via skl2onnx, trained by onnxfit':<44} "
+        f"{clf.score(X_test, y_test):7.3f}   ({clf.n_iter_} epochs, {elapsed:.2f} s; "
+        f"trained {clf.trained_output_!r})")
+    label, _ = _exported_predictions(clf.to_onnx(), X_test)
+    agree = float(np.mean(label == clf.predict(X_test)))
+    out(f"  exported graph's labels agree with predict(): {agree:.0%}")
+
+
 def main_demo(out=print):
     """Run every part of the demo."""
     regression_demo(out)
+    classification_demo(out)
