@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from ..gradient import build_gradient_model, gradient_name, make_session
-from ..onnx_graphs import append_piece, onnx_elem_type
+from ..onnx_graphs import append_piece, numpy_dtype, onnx_elem_type
 from .base import (
     LABEL,
     LEARNING_RATE,
@@ -100,8 +100,6 @@ class FusedEngine(BaseEngine):
         self.session = make_session(self.training_model, problem.n_threads, problem.dtype)
         loss_out = self.training_model.graph.output[0]
         self._loss_name = loss_out.name
-        from ..onnx_graphs import numpy_dtype
-
         self._loss = np.zeros((), dtype=numpy_dtype(loss_out.type.tensor_type.elem_type))
         self._rate = np.zeros((), dtype=problem.dtype)
 
