@@ -114,7 +114,8 @@ def format_epochs(w):
     if w.get("ceiling_s"):
         lines.append(
             f"  {'ceiling: 6*N*params at GEMM speed':34s} {_sec(w['ceiling_s'])}   "
-            f"(numpy float32 {w['gemm_size']}^2 matmul, {w['gemm_threads']} BLAS threads: "
+            f"(fastest of {len(w.get('gemm_times', [])) or '?'} numpy float32 "
+            f"{w['gemm_size']}^2 matmuls, {w['gemm_threads']} BLAS threads: "
             f"{w['gemm_gflops']:.0f} GFLOP/s; 1 thread: {w['gemm_gflops_1t']:.0f} GFLOP/s "
             f"-> {_sec(w['ceiling_1t_s'], 0)} s)")
     lines.append("  score: R2 (regression) or accuracy (classification) on the training data "
