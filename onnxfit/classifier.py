@@ -340,11 +340,13 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         self._n_columns = width
 
     def _encode_labels(self, labels):
+        # Built directly in the graph's dtype: a float64 one-hot matrix and
+        # its float32 cast would cost 3x the labels' memory at peak.
         columns = self._class_columns[labels.astype(np.intp)]
         if self._n_columns == 1:
-            return (columns == 1).astype(np.float64)[:, None]
-        one_hot = np.zeros((len(columns), self._n_columns), dtype=np.float64)
-        one_hot[np.arange(len(columns)), columns] = 1.0
+            return (columns == 1).astype(self.dtype_)[:, None]
+        one_hot = np.zeros((len(columns), self._n_columns), dtype=self.dtype_)
+        one_hot[np.arange(len(columns)), columns] = 1
         return one_hot
 
     def _scores_kind(self):
