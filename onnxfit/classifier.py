@@ -1,6 +1,7 @@
 """OnnxSGDClassifier: train an ONNX classification graph with SGD."""
 
 import numpy as np
+from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.metrics import accuracy_score
 from sklearn.utils import compute_class_weight
@@ -16,7 +17,7 @@ from .classifier_graph import (
     rewrite_linear_classifiers,
 )
 from .estimator import BaseOnnxSGD
-from .losses import CLASSIFICATION_LOSSES, BaseLoss, make_loss
+from .losses import CLASSIFICATION_LOSSES, BaseLoss, HingeLoss, ModifiedHuberLoss, make_loss
 from .model import OnnxModel, linear_model
 
 
@@ -202,16 +203,17 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         -------
         self
         """
-        if not hasattr(self, "weights_"):
-            if classes is None:
-                raise ValueError("classes must be passed on the first call to partial_fit.")
-            if isinstance(self.class_weight, str) and self.class_weight == "balanced":
-                raise ValueError(
-                    "class_weight 'balanced' is not supported for partial_fit: "
-                    "compute the weights on a sample of y with "
-                    "sklearn.utils.compute_class_weight('balanced', classes=classes, "
-                    "y=y) and pass them as a dict."
-                )
+        if not hasattr(self, "weights_") and classes is None:
+            raise ValueError("classes must be passed on the first call to partial_fit.")
+        if isinstance(self.class_weight, str) and self.class_weight == "balanced":
+            # Balancing needs the class frequencies of all the data, which a
+            # chunk does not have (scikit-learn refuses it too).
+            raise ValueError(
+                "class_weight 'balanced' is not supported for partial_fit: "
+                "compute the weights on a sample of y with "
+                "sklearn.utils.compute_class_weight('balanced', classes=classes, "
+                "y=y) and pass them as a dict."
+            )
         return self._partial_fit(
             X, y, sample_weight, max_iter=1, reset=False, classes=classes
         )
@@ -441,10 +443,18 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             columns = self._columns_of(np.asarray(out), info.link)
         return self.classes_[self._class_of_column[columns]]
 
+    def _is_loss(self, name):
+        """Whether ``loss`` is the built-in ``name``, given as its string or
+        as an instance of its class."""
+        if self.loss == name:
+            return True
+        cls = {"hinge": HingeLoss, "modified_huber": ModifiedHuberLoss}.get(name)
+        return cls is not None and isinstance(self.loss, cls)
+
     def _check_proba(self):
-        if self.loss == "hinge":
+        if self._is_loss("hinge"):
             raise AttributeError(
-                "probability estimates are not available for loss='hinge'"
+                "probability estimates are not available for the hinge loss"
             )
         return True
 
@@ -479,17 +489,17 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         else:
             scores = self._outputs(X, [self.trained_output_])[0]
             scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
-            if self.loss == "modified_huber":
+            if self._is_loss("modified_huber"):
                 proba = (np.clip(scores, -1.0, 1.0) + 1.0) / 2.0
                 if proba.shape[1] == 1:
                     proba = np.hstack([1.0 - proba, proba])
                 else:
                     proba = _normalise(proba)
             elif scores.shape[1] == 1:
-                positive = _sigmoid(scores)
+                positive = expit(scores)
                 proba = np.hstack([1.0 - positive, positive])
             else:
-                proba = np.exp(_log_softmax(scores))
+                proba = softmax(scores, axis=1)
         return proba[:, self._class_columns]
 
     @available_if(_check_proba)
@@ -507,13 +517,13 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         """
         check_is_fitted(self, "weights_")
         info = self._graph_info
-        if info.probability_output is None and self.loss != "modified_huber":
+        if info.probability_output is None and not self._is_loss("modified_huber"):
             scores = self._outputs(X, [self.trained_output_])[0]
             scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
             if scores.shape[1] == 1:
-                log_proba = np.hstack([_log_sigmoid(-scores), _log_sigmoid(scores)])
+                log_proba = np.hstack([log_expit(-scores), log_expit(scores)])
             else:
-                log_proba = _log_softmax(scores)
+                log_proba = log_softmax(scores, axis=1)
             return log_proba[:, self._class_columns]
         with np.errstate(divide="ignore"):
             return np.log(self.predict_proba(X))
@@ -537,19 +547,6 @@ def _match_classes(classes, graph_classes):
         f"{classes.tolist()}: its label output would be wrong. Train it on labels "
         "with the same values, or train a graph without a label output."
     )
-
-
-def _sigmoid(s):
-    return np.exp(-np.logaddexp(0.0, -s))
-
-
-def _log_sigmoid(s):
-    return -np.logaddexp(0.0, -s)
-
-
-def _log_softmax(s):
-    shifted = s - s.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def _normalise(proba):

@@ -35,6 +35,7 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit, softmax
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.utils import Extractor
@@ -454,15 +455,6 @@ def _float_initializers_feeding(model, input_name, name):
     ]
 
 
-def _softmax(s):
-    e = np.exp(s - s.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _sigmoid(s):
-    return 1.0 / (1.0 + np.exp(-s))
-
-
 def _identify_link(model, scores, probabilities, types):
     """Recognise the function from ``scores`` to ``probabilities`` by running
     the sub-graph between them on random scores."""
@@ -491,13 +483,13 @@ def _identify_link(model, scores, probabilities, types):
         return p.shape == reference.shape and np.allclose(p, reference, rtol=1e-4, atol=1e-5)
 
     if width == 1:
-        sig = _sigmoid(s)
+        sig = expit(s)
         if close(sig) or close(np.hstack([1.0 - sig, sig])):
             return "sigmoid"
         return "identity" if close(s) else None
-    if close(_softmax(s)):
+    if close(softmax(s, axis=1)):
         return "softmax"
-    sig = _sigmoid(s)
+    sig = expit(s)
     if close(sig / sig.sum(axis=1, keepdims=True)) or close(sig):
         return "sigmoid"
     if close(s):

@@ -6,6 +6,7 @@ reset followed by the same ``_partial_fit`` loop that ``partial_fit`` runs
 for one epoch: there is one path for all training.
 """
 
+import hashlib
 import os
 import warnings
 from numbers import Integral, Real
@@ -137,6 +138,33 @@ class BaseOnnxSGD(BaseEstimator):
         use_early_stopping=False, classes=None,
     ):
         first_call = not hasattr(self, "weights_")
+        # Everything up to the first update only validates and prepares: if
+        # it fails, the estimator keeps the previous fit, untouched.
+        previous = dict(self.__dict__)
+        try:
+            prepared = self._prepare_training(
+                X, y, sample_weight, reset, keep_weights, first_call, classes
+            )
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(previous)
+            raise
+        X, y, labels, sample_weight, uniform = prepared
+        return self._run_epochs(
+            X, y, labels, sample_weight, uniform, max_iter, use_early_stopping
+        )
+
+    def _prepare_training(self, X, y, sample_weight, reset, keep_weights, first_call, classes):
+        """Validate the data and (on a reset) rebuild the model and state.
+
+        Returns
+        -------
+        X, y, labels, sample_weight, uniform
+            Data in the graph's dtypes; ``uniform`` is True when every
+            sample weight is 1 (the engines then skip gathering them).
+        """
+        if keep_weights and not first_call:
+            self._check_same_model()
         X, y = validate_data(
             self, X, y, reset=reset and not keep_weights or first_call,
             dtype=[np.float64, np.float32], multi_output=True,
@@ -153,10 +181,20 @@ class BaseOnnxSGD(BaseEstimator):
             self._start(X, labels, keep_weights=keep_weights and not first_call)
         labels = self._encode_labels(labels)
         label_shape = self.label_shape_
+        per_sample = int(np.prod(labels.shape[1:]))
+        if per_sample != int(np.prod(label_shape)):
+            raise ValueError(
+                f"y has {per_sample} value(s) per sample, but the estimator was fitted "
+                f"on targets of shape {('n',) + label_shape} (the graph's output "
+                f"{self.trained_output_!r}); refit with warm_start=False to change it."
+            )
         labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
         sample_weight = sample_weight.astype(self.dtype_, copy=False)
         X = np.ascontiguousarray(X, dtype=self.input_dtype_)
+        return X, y, labels, sample_weight, uniform
 
+    def _run_epochs(self, X, y, labels, sample_weight, uniform, max_iter, use_early_stopping):
+        """The training loop shared by ``fit`` and ``partial_fit``."""
         engine = self._engine()
         engine.set_state(self.weights_, self._update_state)
         schedule_state = self._schedule_state
@@ -181,7 +219,7 @@ class BaseOnnxSGD(BaseEstimator):
             from tqdm.auto import tqdm
 
             progress = tqdm(total=max_iter, desc=type(self).__name__, unit="epoch")
-        best_weights = None
+        best_state = None
         best_score = -np.inf
         best_loss = np.inf
         no_improvement = 0
@@ -205,11 +243,11 @@ class BaseOnnxSGD(BaseEstimator):
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.6g}")
                 if validation is not None:
-                    weights, _ = engine.get_state()
-                    score = self._validation_score(validation[0], validation[1], weights)
+                    state = engine.get_state()
+                    score = self._validation_score(validation[0], validation[1], state[0])
                     self.validation_scores_.append(score)
                     if score > best_score:
-                        best_weights = weights
+                        best_state = state
                     improved = self.tol is None or score > best_score + self.tol
                     best_score = max(best_score, score)
                 else:
@@ -234,8 +272,10 @@ class BaseOnnxSGD(BaseEstimator):
                 progress.close()
             self.weights_, self._update_state = engine.get_state()
             self._runtime.export_session = None
-        if best_weights is not None:
-            self.weights_ = best_weights
+        if best_state is not None:
+            # The best epoch's weights with their own update-rule state, so
+            # that a later partial_fit continues from that epoch.
+            self.weights_, self._update_state = best_state
         self.best_loss_ = best_loss
         return self
 
@@ -292,11 +332,9 @@ class BaseOnnxSGD(BaseEstimator):
     def _start(self, X, labels, keep_weights):
         """Build the model and reset the training state (``fit`` or the first
         ``partial_fit``)."""
-        runtime = getattr(self, "_runtime", None)
-        if runtime is None:
-            self._runtime = runtime = _Runtime()
         if not keep_weights:
-            runtime.clear()
+            self._runtime = runtime = _Runtime()
+            self._model_spec = self._current_model_spec()
             if self.onnx_model is None:
                 dtype = np.float64 if X.dtype == np.float64 else np.float32
                 model = self._default_model(X.shape[1], labels, dtype)
@@ -321,6 +359,30 @@ class BaseOnnxSGD(BaseEstimator):
         self.t_ = 0
         self.loss_curve_ = []
         self.validation_scores_ = [] if self.early_stopping else None
+
+    def _current_model_spec(self):
+        """What defines the trained graph: the model (by content), the
+        weights to train and the output."""
+        source = self.onnx_model
+        if isinstance(source, onnx.ModelProto):
+            source = hashlib.sha256(source.SerializeToString()).hexdigest()
+        elif isinstance(source, (bytes, bytearray)):
+            source = hashlib.sha256(bytes(source)).hexdigest()
+        elif source is not None:
+            source = os.fspath(source)
+        weights = self.weights_to_train
+        if weights is not None and not isinstance(weights, str):
+            weights = tuple(weights)
+        return (source, weights, self.output_name)
+
+    def _check_same_model(self):
+        """A warm start keeps weights: the graph they belong to must not change."""
+        if self._current_model_spec() != getattr(self, "_model_spec", None):
+            raise ValueError(
+                "warm_start=True keeps the weights of the previous fit, but onnx_model, "
+                "weights_to_train or output_name changed since; set warm_start=False "
+                "to train the new configuration from its initial weights."
+            )
 
     def _probe_label_shape(self, X, labels):
         """Run the graph on one row to learn the trained output's shape."""
@@ -369,9 +431,18 @@ class BaseOnnxSGD(BaseEstimator):
         )
         if runtime.engine is None or runtime.engine_key != key:
             problem = self._problem()
-            self._learning_rate = problem.learning_rate
             runtime.engine = make_engine(self.engine, problem)
             runtime.engine_key = key
+            # set_params may have switched to an update rule with other state
+            # tensors: keep those that exist, start the new ones at zero.
+            rule = problem.learning_rate
+            self._update_state = {
+                w: {
+                    name: self._update_state.get(w, {}).get(name, fresh)
+                    for name, fresh in rule.initial_state(self.weights_[w]).items()
+                }
+                for w in self.weights_
+            }
         self._learning_rate = runtime.engine.problem.learning_rate
         return runtime.engine
 

@@ -62,21 +62,32 @@ def load_onnx(onnx_model):
 
 
 def normalise_model(model):
-    """Bring ``model`` (a private copy) within IR <= 10 and opset <= 21.
+    """Bring ``model`` (a private copy) to IR <= 10 and opset 17 to 21.
+
+    Opsets above 21 are converted down (onnxruntime-training 1.19.2 runs no
+    more); opsets below 17 are converted up, because the loss, penalty,
+    update and gradient-rewrite graphs onnxfit adds use opset-17 operators
+    (``CastLike``, ``ReduceSum`` with axes as an input, ...).  skl2onnx's
+    default conversions, at opset 9 to 15, need this.
 
     Raises
     ------
     ValueError
-        If the default-domain opset cannot be converted down to 21.
+        If onnx cannot convert the default-domain opset.
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    target = None
     if opset is not None and opset > MAX_OPSET:
+        target = MAX_OPSET
+    elif opset is not None and opset < OPSET:
+        target = OPSET
+    if target is not None:
         try:
-            model = version_converter.convert_version(model, MAX_OPSET)
+            model = version_converter.convert_version(model, target)
         except Exception as exc:
             raise ValueError(
-                f"The graph uses opset {opset}; onnxruntime-training 1.19.2 runs "
-                f"opset <= {MAX_OPSET} and onnx could not convert it: {exc}"
+                f"The graph uses opset {opset}; onnxfit trains graphs at opset "
+                f"{OPSET} to {MAX_OPSET} and onnx could not convert it to {target}: {exc}"
             ) from exc
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION

@@ -252,7 +252,7 @@ def test_grid_search_and_cross_val_score_with_string_labels(iris):
     search = GridSearchCV(
         OnnxSGDClassifier(learning_rate=LearningRateSGD(), max_iter=30, random_state=0),
         {"learning_rate__eta0": [0.01, 0.1], "alpha": [1e-4, 1e-2]},
-        cv=3, n_jobs=2,
+        cv=3, n_jobs=2, error_score="raise",
     )
     search.fit(X, labels)
     assert set(search.best_params_) == {"learning_rate__eta0", "alpha"}

@@ -309,12 +309,20 @@ class BaseEngine:
         raise NotImplementedError
 
     def _batch_buffers(self, size, n_features):
-        buffers = self._buffers.get(size)
+        """Bound buffers for batches of ``size`` rows (built on first use).
+
+        An epoch needs two sizes at most (the batch size and the last,
+        partial batch); partial_fit calls on chunks of varying length bring
+        new remainders, so only the two most recently used sizes are kept.
+        """
+        buffers = self._buffers.pop(size, None)
         if buffers is None or buffers.X.shape[1] != n_features:
             buffers = BatchBuffers(self.problem, size)
             buffers.allocate(n_features)
             self._bind_batch(buffers)
-            self._buffers[size] = buffers
+            while len(self._buffers) >= 2:
+                del self._buffers[next(iter(self._buffers))]
+        self._buffers[size] = buffers  # most recently used last
         return buffers
 
     def _bind_batch(self, buffers):
