@@ -146,6 +146,13 @@ def _float32_loss_name(model, loss_name):
     return loss_name
 
 
+_FLOAT32_LOSS_TEXT = """
+loss_float32 ({T} loss) => (float loss32) {{
+    loss32 = Cast<to = 1>(loss)
+}}
+"""
+
+
 def _loss_as_float32(model, loss_name):
     """Append ``Cast(to=FLOAT)`` after a double loss (see module notes)."""
     out = next(o for o in model.graph.output if o.name == loss_name)
@@ -154,8 +161,9 @@ def _loss_as_float32(model, loss_name):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     cast_name = loss_name + "_float32"
-    copy.graph.node.append(
-        helper.make_node("Cast", [loss_name], [cast_name], to=TensorProto.FLOAT)
+    append_piece(
+        copy.graph, parse_piece(_FLOAT32_LOSS_TEXT, np.float64), "onnxfit.loss_float32.",
+        {"loss": loss_name}, {"loss32": cast_name},
     )
     for o in copy.graph.output:
         if o.name == loss_name:

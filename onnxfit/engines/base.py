@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..onnx_graphs import append_piece, onnx_elem_type, scalar_input
+from ..onnx_graphs import append_piece, onnx_elem_type, parse_piece, scalar_input
 
 
 @dataclass
@@ -119,13 +119,28 @@ def append_penalties(graph, problem, loss, objective):
         )["penalty"]
         terms.append(out)
     # A chain of Add: onnxruntime-training has no gradient for Sum.
+    add = parse_piece(_ADD_TEXT, problem.dtype)
     total = terms[0]
     for k, term in enumerate(terms[1:]):
         out = objective if k == len(terms) - 2 else f"onnxfit.objective.{k}"
-        graph.node.append(helper.make_node("Add", [total, term], [out]))
+        append_piece(graph, add, f"onnxfit.objective.add{k}.", {"a": total, "b": term}, {"total": out})
         total = out
     if len(terms) == 1:
-        graph.node.append(helper.make_node("Identity", [total], [objective]))
+        append_piece(graph, parse_piece(_SAME_TEXT, problem.dtype), "onnxfit.objective.",
+                     {"a": total}, {"same": objective})
+
+
+_ADD_TEXT = """
+add_terms ({T} a, {T} b) => ({T} total) {{
+    total = Add(a, b)
+}}
+"""
+
+_SAME_TEXT = """
+same ({T} a) => ({T} same) {{
+    same = Identity(a)
+}}
+"""
 
 
 def append_updates(graph, problem, gradients):
