@@ -466,7 +466,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         ending with a softmax or sigmoid) gives them itself, as ``to_onnx()``
         does; raw scores go through a sigmoid (one logit) or a softmax.  With
         ``loss='modified_huber'`` raw scores give ``SGDClassifier``'s
-        ``(clip(s, -1, 1) + 1) / 2``, normalised.
+        ``(clip(s, -1, 1) + 1) / 2``, normalised.  A converted hinge or
+        modified-Huber ``SGDClassifier`` writes raw scores into its
+        "probabilities" output: that output is then trained as scores, and
+        this method's probabilities differ from it.
 
         Parameters
         ----------

@@ -486,7 +486,9 @@ def _identify_link(model, scores, probabilities, types):
         sig = expit(s)
         if close(sig) or close(np.hstack([1.0 - sig, sig])):
             return "sigmoid"
-        return "identity" if close(s) else None
+        # skl2onnx writes a binary hinge/modified-Huber SGDClassifier's
+        # "probabilities" as Concat(-s, s) of the raw score s.
+        return "identity" if close(s) or close(np.hstack([-s, s])) else None
     if close(softmax(s, axis=1)):
         return "softmax"
     sig = expit(s)

@@ -631,3 +631,24 @@ def test_pipeline_and_clone(cancer):
     pipe = make_pipeline(StandardScaler(), OnnxSGDClassifier(random_state=0))
     assert pipe.fit(X_train, y_train).score(X_test, y_test) > 0.9
     clone(pipe)
+
+
+@pytest.mark.parametrize("zipmap", [False, True])
+def test_converted_binary_hinge_sgd_trains_its_raw_score(cancer, zipmap):
+    # skl2onnx writes the "probabilities" of a binary hinge SGDClassifier as
+    # Concat(-s, s): raw scores, which must not be trained as probabilities.
+    X_train, X_test, y_train, y_test = cancer
+    labels = np.array(["no", "yes"])
+    sgd = SGDClassifier(loss="hinge", max_iter=3, tol=None, random_state=0)
+    sgd.fit(X_train, labels[y_train])
+    options = {} if zipmap else {"options": {"zipmap": False}}
+    onx = convert(sgd, X_train, **options)
+    clf = OnnxSGDClassifier(onx, loss="hinge", random_state=0).fit(X_train, labels[y_train])
+    assert clf._graph_info.link == "identity"
+    scores = clf.decision_function(X_test)
+    assert np.all(np.abs(scores) < 700)  # not log(tiny) of negative "probabilities"
+    assert_array_equal(clf.predict(X_test), labels[(scores > 0).astype(int)])
+    assert clf.score(X_test, labels[y_test]) > 0.9
+    exported = _session_outputs(clf.to_onnx(), X_test.astype(np.float32))
+    label_name = clf._graph_info.label_output
+    assert_array_equal(exported[label_name], clf.predict(X_test))
