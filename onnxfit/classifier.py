@@ -398,8 +398,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         ``classes_[1]``), else (n_samples, n_classes)
         """
         check_is_fitted(self, "weights_")
-        out = self._outputs(X, [self.trained_output_])[0]
-        out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+        out = self._trained_values(X)
         if self._graph_info.link == "probability":
             out = np.log(np.maximum(out, np.finfo(np.float64).tiny))
         columns = self._class_columns
@@ -451,6 +450,11 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         cls = {"hinge": HingeLoss, "modified_huber": ModifiedHuberLoss}.get(name)
         return cls is not None and isinstance(self.loss, cls)
 
+    def _trained_values(self, X):
+        """The trained output for ``X``, float64, one row per sample."""
+        out = self._outputs(X, [self.trained_output_])[0]
+        return np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+
     def _check_proba(self):
         if self._is_loss("hinge"):
             raise AttributeError(
@@ -490,8 +494,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             if not np.allclose(total, 1.0, atol=1e-5):  # one-vs-rest sigmoids
                 proba = _normalise(proba)
         else:
-            scores = self._outputs(X, [self.trained_output_])[0]
-            scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+            scores = self._trained_values(X)
             if self._is_loss("modified_huber"):
                 proba = (np.clip(scores, -1.0, 1.0) + 1.0) / 2.0
                 if proba.shape[1] == 1:
@@ -521,8 +524,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         check_is_fitted(self, "weights_")
         info = self._graph_info
         if info.probability_output is None and not self._is_loss("modified_huber"):
-            scores = self._outputs(X, [self.trained_output_])[0]
-            scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+            scores = self._trained_values(X)
             if scores.shape[1] == 1:
                 log_proba = np.hstack([log_expit(-scores), log_expit(scores)])
             else:
