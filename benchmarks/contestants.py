@@ -25,6 +25,8 @@ import warnings
 
 import numpy as np
 
+from .timing import BlasThreadLimit
+
 
 def torch_available():
     return importlib.util.find_spec("torch") is not None
@@ -225,7 +227,7 @@ class SGDRegressorContestant(Contestant):
         self.make_estimator().fit(self.workload.X, self.workload.y)
 
 
-class SklearnMLPContestant(Contestant):
+class SklearnMLPContestant(BlasThreadLimit, Contestant):
     """``MLPRegressor``/``MLPClassifier(solver='sgd', batch_size=256)``,
     Nesterov momentum 0.9 (its defaults), one ``partial_fit`` per epoch."""
 
@@ -239,7 +241,6 @@ class SklearnMLPContestant(Contestant):
         self.name = name
         self.id = f"sklearn-{name}-{blas_threads}t"
         self.label = f"{name} (BLAS {blas_threads} thread{'s' if blas_threads > 1 else ''})"
-        self._limit = None
 
     def make_estimator(self):
         from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -256,16 +257,6 @@ class SklearnMLPContestant(Contestant):
         _quiet()
         self.est = self.make_estimator()
         return None
-
-    def before_epoch(self):
-        from threadpoolctl import threadpool_limits
-
-        self._limit = threadpool_limits(limits=self.threads, user_api="blas")
-
-    def after_epoch(self):
-        if self._limit is not None:
-            self._limit.restore_original_limits()
-            self._limit = None
 
     def epoch(self):
         wl = self.workload

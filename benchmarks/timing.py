@@ -30,27 +30,12 @@ import numpy as np
 GEMM_SIZE = 2048
 
 
-class GemmProbe:
-    """Times one ``GEMM_SIZE``-square float32 matmul (numpy's BLAS)."""
+class BlasThreadLimit:
+    """Limits BLAS to ``self.threads`` threads (None: no limit) during each
+    timed epoch of a contestant."""
 
-    def __init__(self, threads=None):
-        self.threads = threads  # None: numpy's default
-        self.id = "gemm-default" if threads is None else f"gemm-{threads}t"
-        rng = np.random.default_rng(0)
-        self.a = rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32)
-        self.b = rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32)
-        self.c = np.empty_like(self.a)
-        self._limit = None
-
-    @staticmethod
-    def default_threads():
-        try:
-            from threadpoolctl import threadpool_info
-
-            return max((i["num_threads"] for i in threadpool_info()
-                        if i.get("user_api") == "blas"), default=None)
-        except Exception:  # pragma: no cover
-            return None
+    threads = None
+    _limit = None
 
     def before_epoch(self):
         if self.threads is not None:
@@ -62,6 +47,28 @@ class GemmProbe:
         if self._limit is not None:
             self._limit.restore_original_limits()
             self._limit = None
+
+
+class GemmProbe(BlasThreadLimit):
+    """Times one ``GEMM_SIZE``-square float32 matmul (numpy's BLAS)."""
+
+    def __init__(self, threads=None):
+        self.threads = threads  # None: numpy's default
+        self.id = "gemm-default" if threads is None else f"gemm-{threads}t"
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32)
+        self.b = rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32)
+        self.c = np.empty_like(self.a)
+
+    @staticmethod
+    def default_threads():
+        try:
+            from threadpoolctl import threadpool_info
+
+            return max((i["num_threads"] for i in threadpool_info()
+                        if i.get("user_api") == "blas"), default=None)
+        except Exception:  # pragma: no cover
+            return None
 
     def epoch(self):
         np.matmul(self.a, self.b, out=self.c)
