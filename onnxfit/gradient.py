@@ -139,6 +139,43 @@ def build_gradient_model(model, loss_name, wrt_names, rewrite=True):
     return result
 
 
+def read_output_gradient(model, output_name, gradient):
+    """Make a gradient model's backward pass start from ``gradient``.
+
+    The builder names the gradient of every value ``<name>_grad``; the node
+    that computes the gradient of ``output_name`` is replaced by an
+    ``Identity`` of ``gradient``, a value the caller defines (the closed-form
+    gradient of a loss, say).  Built on the scalar ``<output, gradient>``,
+    a model then computes the vector-Jacobian product of ``gradient``
+    without differentiating whatever produces it.  Nodes that only served
+    the replaced computation remain until :func:`onnxfit.onnx_graphs.prune_graph`.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Gradient model made by :func:`build_gradient_model`; modified in place.
+    output_name : str
+        A value of the forward graph.
+    gradient : str
+        Name of the value to use as its gradient.
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    target = gradient_name(output_name)
+    nodes = [node for node in model.graph.node if target in node.output]
+    if len(nodes) != 1 or len(nodes[0].output) != 1:  # pragma: no cover - builder's naming
+        raise RuntimeError(
+            f"Expected one single-output node computing {target!r} in the gradient "
+            f"graph, found {[list(n.output) for n in nodes]}."
+        )
+    nodes[0].CopyFrom(helper.make_node(
+        "Identity", [gradient], [target], name=f"onnxfit.seed.{output_name}"
+    ))
+    return model
+
+
 def _float32_loss_name(model, loss_name):
     for out in model.graph.output:
         if out.name == loss_name + "_float32":

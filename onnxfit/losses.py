@@ -1,16 +1,24 @@
 """Loss functions, each written once as a small ONNX graph.
 
 A loss object turns the model's trained output (``prediction``), the
-``label`` (same shape) and a per-sample ``sample_weight`` into one scalar:
+``label`` (same shape) and per-sample weights into one scalar:
 
-.. math:: L = \\frac{1}{n} \\sum_i w_i \\sum_j \\ell(p_{ij}, y_{ij})
+.. math:: L = \\sum_i s_i \\sum_j \\ell(p_{ij}, y_{ij}),
+   \\qquad s_i = w_i / n
 
-Subclasses only write the element-wise term :math:`\\ell` (graph text in
+The graphs take the weights already divided by the number of samples in the
+batch (``sample_weight`` holds :math:`s_i`, shaped ``(n, 1, ..., 1)`` to
+broadcast against the prediction): the engines prepare that buffer once per
+batch size, which keeps a mean and its gradient out of every training step.
+
+Subclasses write the element-wise term :math:`\\ell` (graph text in
 ``onnx.parser`` syntax, see :mod:`onnxfit.onnx_graphs`); the reduction over
-outputs and samples is shared.  Gradients are never written by hand: the
-fused engine differentiates the loss together with the model, the
-forward-backward engine differentiates the loss graph alone, both with
-onnxruntime-training (:mod:`onnxfit.gradient`).
+outputs and samples is shared.  A loss may also write the element-wise
+derivative :math:`\\partial \\ell / \\partial p` (:meth:`BaseLoss.derivative_body`):
+the built-in ones do, since a closed form takes a handful of kernels where
+an automatic derivative takes dozens, and each is tested against the
+automatic derivative of its own value.  A loss without one is differentiated
+by onnxruntime-training (:func:`loss_gradient_model`).
 
 Writing a custom loss
 ---------------------
@@ -24,11 +32,16 @@ implement :meth:`BaseLoss.elementwise_body`, a list of ONNX nodes computing
                 d = Sub(prediction, label)
                 elementwise = ...
             '''
+
+Its derivative is then computed by onnxruntime-training; writing
+:meth:`BaseLoss.derivative_body` as well makes training faster.
 """
 
 from sklearn.base import BaseEstimator
 
-from .onnx_graphs import parse_piece
+from onnx import helper
+
+from .onnx_graphs import OPSET, onnx_elem_type, parse_piece, piece_model, set_outputs
 
 #: Bound on the derivative of the squared terms, as scikit-learn's SGD
 #: (``MAX_DLOSS``): a diverging fit (unscaled data, too large a rate) stays
@@ -44,20 +57,30 @@ _BOUNDED_SQUARE = """
     d2 = Mul(d, d_clipped)
 """
 
+# The weights come divided by the batch size and shaped to broadcast against
+# the prediction (see the module docstring): the mean over samples is a sum.
 _LOSS_TEMPLATE = """
-loss_graph ({T}[] prediction, {T}[] label, {T}[N] sample_weight) => ({T} loss) {{
+loss_graph ({T}[] prediction, {T}[] label, {T}[] sample_weight) => ({T} loss) {{
     {body}
-    flat = Flatten<axis = 1>(elementwise)
-    axis1 = Constant<value = int64[1] {{1}}>()
-    per_sample = ReduceSum<keepdims = 0>(flat, axis1)
-    weighted = Mul(per_sample, sample_weight)
-    loss = ReduceMean<keepdims = 0>(weighted)
+    weighted = Mul(elementwise, sample_weight)
+    loss = ReduceSum<keepdims = 0>(weighted)
+}}
+"""
+
+_LOSS_AND_GRADIENT_TEMPLATE = """
+loss_and_gradient ({T}[] prediction, {T}[] label, {T}[] sample_weight)
+    => ({T} loss, {T}[] prediction_grad) {{
+    {body}
+    {derivative}
+    weighted = Mul(elementwise, sample_weight)
+    loss = ReduceSum<keepdims = 0>(weighted)
+    prediction_grad = Mul(derivative, sample_weight)
 }}
 """
 
 
 class BaseLoss(BaseEstimator):
-    """Base class of losses: subclasses write the element-wise term only.
+    """Base class of losses: subclasses write the element-wise term.
 
     Loss objects hold hyperparameters only (``get_params``/``set_params``
     work, so they can be searched by ``GridSearchCV``).
@@ -72,9 +95,29 @@ class BaseLoss(BaseEstimator):
         from :meth:`constants`."""
         raise NotImplementedError
 
+    def derivative_body(self):
+        """ONNX nodes computing ``derivative``, the derivative of
+        ``elementwise`` with respect to ``prediction``, or None.
+
+        The nodes follow :meth:`elementwise_body` and may read any value it
+        defines.  None (the default) lets onnxruntime-training differentiate
+        :meth:`piece` instead.
+        """
+        return None
+
     def constants(self):
-        """Hyperparameters substituted in :meth:`elementwise_body`."""
+        """Hyperparameters substituted in the bodies."""
         return {}
+
+    def check_label_shape(self, label_shape):
+        """Raise ValueError if the loss is undefined for outputs of one
+        sample shaped ``label_shape``."""
+
+    def _parse(self, text, dtype):
+        # The bodies are formatted together with the template: fields are
+        # filled in one pass by parse_piece.
+        text = text.replace("{body}", self.elementwise_body())
+        return parse_piece(text, dtype, **{"max_dloss": MAX_DLOSS, **self.constants()})
 
     def piece(self, dtype):
         """The loss as a graph: ``(prediction, label, sample_weight) -> loss``.
@@ -88,11 +131,74 @@ class BaseLoss(BaseEstimator):
         -------
         onnx.GraphProto
         """
-        body = self.elementwise_body()
-        # The body is formatted together with the template: escape nothing,
-        # fields are filled in one pass by parse_piece.
-        text = _LOSS_TEMPLATE.replace("{body}", body)
-        return parse_piece(text, dtype, **{"max_dloss": MAX_DLOSS, **self.constants()})
+        return self._parse(_LOSS_TEMPLATE, dtype)
+
+    def gradient_piece(self, dtype):
+        """The loss and its closed-form gradient, or None without one.
+
+        Returns
+        -------
+        onnx.GraphProto or None
+            ``(prediction, label, sample_weight) -> (loss, prediction_grad)``.
+        """
+        derivative = self.derivative_body()
+        if derivative is None:
+            return None
+        text = _LOSS_AND_GRADIENT_TEMPLATE.replace("{derivative}", derivative)
+        return self._parse(text, dtype)
+
+
+def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET):
+    """The loss and its gradient with respect to the prediction, as a model.
+
+    Uses the loss's closed-form derivative when it has one, otherwise lets
+    onnxruntime-training differentiate its value.
+
+    Parameters
+    ----------
+    loss : BaseLoss
+    dtype : numpy dtype
+        float32 or float64.
+    label_shape : tuple
+        Shape of one sample's prediction (without the batch dimension).
+    closed_form : bool, default=True
+        False differentiates the value even when the loss has a closed-form
+        derivative (the reference the closed forms are tested against).
+    opset : int, default=OPSET
+        Opset of the model (the fused engine appends it to the user's graph,
+        whose opset may be anything from 17 to 21).
+
+    Returns
+    -------
+    onnx.ModelProto
+        Inputs ``prediction``, ``label`` (shape ``(N,) + label_shape``) and
+        ``sample_weight`` (see the module docstring); outputs the scalar
+        ``loss`` and ``prediction_grad``.
+    """
+    from .gradient import build_gradient_model
+
+    loss.check_label_shape(tuple(label_shape))
+    piece = loss.gradient_piece(dtype) if closed_form else None
+    closed_form = piece is not None
+    if not closed_form:
+        piece = loss.piece(dtype)
+    elem = onnx_elem_type(dtype)
+    shape = ["N"] + list(label_shape)
+    for value in piece.input:
+        if value.name in ("prediction", "label"):
+            value.CopyFrom(helper.make_tensor_value_info(value.name, elem, shape))
+        else:
+            value.CopyFrom(helper.make_tensor_value_info(
+                value.name, elem, ["N"] + [1] * len(label_shape)))
+    outputs = [("loss", elem, [])] + ([("prediction_grad", elem, shape)] if closed_form else [])
+    set_outputs(piece, outputs)
+    model = piece_model(piece, opset=opset)
+    if closed_form:
+        return model
+    model = build_gradient_model(model, "loss", ["prediction"])
+    # Report the loss in the element type of the closed forms.
+    set_outputs(model.graph, outputs + [("prediction_grad", elem, shape)])
+    return model
 
 
 class SquaredLoss(BaseLoss):
@@ -109,6 +215,11 @@ class SquaredLoss(BaseLoss):
     elementwise = Mul(d2, half)
 """
 
+    def derivative_body(self):
+        return """
+    derivative = Identity(d_clipped)
+"""
+
 
 class AbsoluteLoss(BaseLoss):
     """Absolute error ``|p - y|``."""
@@ -117,6 +228,11 @@ class AbsoluteLoss(BaseLoss):
         return """
     d = Sub(prediction, label)
     elementwise = Abs(d)
+"""
+
+    def derivative_body(self):
+        return """
+    derivative = Sign(d)
 """
 
 
@@ -151,6 +267,12 @@ class HuberLoss(BaseLoss):
     elementwise = Add(quadratic, linear)
 """
 
+    def derivative_body(self):
+        return """
+    neg_eps = Neg(eps)
+    derivative = Clip(d, neg_eps, eps)
+"""
+
 
 class EpsilonInsensitiveLoss(BaseLoss):
     """``max(0, |p - y| - epsilon)``, as in ``SGDRegressor``.
@@ -173,6 +295,14 @@ class EpsilonInsensitiveLoss(BaseLoss):
     eps = Constant<value = {T} {{{epsilon}}}>()
     shifted = Sub(a, eps)
     elementwise = Relu(shifted)
+"""
+
+    def derivative_body(self):
+        # sign(d) where |d| > epsilon, 0 elsewhere (elementwise >= 0).
+        return """
+    direction = Sign(d)
+    outside = Sign(elementwise)
+    derivative = Mul(direction, outside)
 """
 
 
@@ -203,6 +333,14 @@ class SquaredEpsilonInsensitiveLoss(BaseLoss):
     elementwise = Mul(r, r_clipped)
 """
 
+    def derivative_body(self):
+        return """
+    direction = Sign(d)
+    two = Constant<value = {T} {{2.0}}>()
+    slope = Mul(r_clipped, two)
+    derivative = Mul(slope, direction)
+"""
+
 
 class ElasticLoss(BaseLoss):
     """A mix of absolute and half squared error.
@@ -219,7 +357,11 @@ class ElasticLoss(BaseLoss):
         self.l1_ratio = l1_ratio
 
     def constants(self):
-        return {"l1": self.l1_ratio, "l2": 0.5 * (1.0 - self.l1_ratio)}
+        return {
+            "l1": self.l1_ratio,
+            "l2": 0.5 * (1.0 - self.l1_ratio),
+            "l2_slope": 1.0 - self.l1_ratio,
+        }
 
     def elementwise_body(self):
         return """
@@ -231,6 +373,15 @@ class ElasticLoss(BaseLoss):
     t1 = Mul(a, c1)
     t2 = Mul(d2, c2)
     elementwise = Add(t1, t2)
+"""
+
+    def derivative_body(self):
+        return """
+    direction = Sign(d)
+    c3 = Constant<value = {T} {{{l2_slope}}}>()
+    g1 = Mul(direction, c1)
+    g2 = Mul(d_clipped, c3)
+    derivative = Add(g1, g2)
 """
 
 
@@ -309,6 +460,12 @@ class SigmoidCrossEntropyLoss(BaseLoss):
     elementwise = Sub(softplus, label_score)
 """
 
+    def derivative_body(self):
+        return """
+    probability = Sigmoid(prediction)
+    derivative = Sub(probability, label)
+"""
+
 
 class SoftmaxCrossEntropyLoss(BaseLoss):
     """Multinomial log-loss on raw scores (logits), softmax over the last axis.
@@ -321,6 +478,13 @@ class SoftmaxCrossEntropyLoss(BaseLoss):
 
     one_hot_labels = True
 
+    def check_label_shape(self, label_shape):
+        if len(label_shape) == 0:
+            raise ValueError(
+                "SoftmaxCrossEntropyLoss needs one column of scores per class: the "
+                "trained output has a single value per sample."
+            )
+
     def elementwise_body(self):
         return """
     top_index = ArgMax<axis = -1, keepdims = 1>(prediction)
@@ -332,6 +496,15 @@ class SoftmaxCrossEntropyLoss(BaseLoss):
     log_total = Log(total)
     nll = Sub(log_total, shifted)
     elementwise = Mul(label, nll)
+"""
+
+    def derivative_body(self):
+        # softmax(p) * sum_j y_j - y (the sum is 1 for one-hot labels).
+        return """
+    softmax = Div(exp_shifted, total)
+    label_total = ReduceSum<keepdims = 1>(label, last_axis)
+    expected = Mul(softmax, label_total)
+    derivative = Sub(expected, label)
 """
 
 
@@ -363,6 +536,16 @@ class NegativeLogLikelihoodLoss(BaseLoss):
     log_p = Log(clipped)
     label_log_p = Mul(label, log_p)
     elementwise = Neg(label_log_p)
+"""
+
+    def derivative_body(self):
+        # -y / p where p > eps; 0 where the probability is clipped.
+        return """
+    ratio = Div(label, clipped)
+    above = Greater(prediction, eps)
+    kept = CastLike(above, ratio)
+    kept_ratio = Mul(ratio, kept)
+    derivative = Neg(kept_ratio)
 """
 
 
@@ -400,6 +583,14 @@ class HingeLoss(BaseLoss):
     elementwise = Relu(gap)
 """
 
+    def derivative_body(self):
+        # -sign where the margin is below the threshold (elementwise > 0).
+        return """
+    active = Sign(elementwise)
+    signed = Mul(sign, active)
+    derivative = Neg(signed)
+"""
+
 
 class ModifiedHuberLoss(BaseLoss):
     """Modified Huber loss of ``SGDClassifier``, ``z = y p``, ``y`` in {-1, +1}.
@@ -421,6 +612,15 @@ class ModifiedHuberLoss(BaseLoss):
     four = Constant<value = {T} {{4.0}}>()
     linear = Mul(excess, four)
     elementwise = Add(quadratic, linear)
+"""
+
+    def derivative_body(self):
+        # d/du (m^2 + 4 (u - m)) = 2 m, and du/dz = -1 wherever u > 0
+        # (m = 0 elsewhere): the derivative is -2 m sign.
+        return """
+    minus_two = Constant<value = {T} {{-2.0}}>()
+    slope = Mul(m, minus_two)
+    derivative = Mul(slope, sign)
 """
 
 

@@ -165,3 +165,67 @@ def scalar_input(name, dtype):
 def initializer_arrays(graph):
     """Map initializer name -> numpy array (a copy)."""
     return {i.name: numpy_helper.to_array(i).copy() for i in graph.initializer}
+
+
+def prune_graph(graph):
+    """Keep only the nodes the outputs need, in a topological order.
+
+    Nodes that no graph output depends on and initializers no kept node
+    reads are removed (graph inputs are kept); the remaining nodes are
+    ordered so that every value is defined before it is read, keeping the
+    original order where it already is.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Modified in place.
+    """
+    reads = [_node_reads(node) for node in graph.node]
+    producer = {}
+    for k, node in enumerate(graph.node):
+        for name in node.output:
+            if name:
+                producer[name] = k
+    needed, stack = set(), [o.name for o in graph.output]
+    while stack:
+        k = producer.get(stack.pop())
+        if k is not None and k not in needed:
+            needed.add(k)
+            stack.extend(reads[k])
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    pending = sorted(needed)
+    ordered = []
+    while pending:
+        remaining = []
+        for k in pending:
+            # Values a subgraph defines for itself count as read too: harmless.
+            if all(i in ready for i in reads[k] if i in producer):
+                ordered.append(k)
+                ready.update(graph.node[k].output)
+            else:
+                remaining.append(k)
+        if len(remaining) == len(pending):
+            missing = sorted({i for k in remaining for i in reads[k] if i not in ready})
+            raise ValueError(f"The graph has a cycle through {missing[:5]}")
+        pending = remaining
+    used = {i for k in ordered for i in reads[k]}
+    used.update(o.name for o in graph.output)
+    initializers = [i for i in graph.initializer if i.name in used]
+    nodes = [graph.node[k] for k in ordered]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _node_reads(node):
+    """Names a node reads: its inputs and what its subgraphs read."""
+    names = {i for i in node.input if i}
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs)
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+        for subgraph in graphs:
+            for inner in subgraph.node:
+                names |= _node_reads(inner)
+    return names

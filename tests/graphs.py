@@ -83,3 +83,31 @@ def convert(estimator, X, **options):
     return to_onnx(
         estimator, X[:1].astype(np.float32), target_opset=TARGET_OPSET, **options
     )
+
+
+def run_loss(loss, prediction, label, sample_weight, dtype=np.float64, closed_form=True,
+             cache=None, opset=17):
+    """Run a loss graph the way the engines build it.
+
+    ``sample_weight`` holds one weight per sample, as users give them; the
+    graph takes them divided by the number of samples, as a column that
+    broadcasts against the prediction.  Returns ``(loss, dloss/dprediction)``.
+    """
+    from onnxfit.gradient import make_session
+    from onnxfit.losses import loss_gradient_model
+
+    prediction = np.asarray(prediction)
+    key = (type(loss).__name__, repr(loss.get_params()), np.dtype(dtype).name,
+           prediction.shape[1:], closed_form, opset)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        model = loss_gradient_model(loss, dtype, prediction.shape[1:], closed_form, opset)
+        cache[key] = make_session(model, dtype=dtype)
+    n = len(prediction)
+    column = (np.asarray(sample_weight, dtype=np.float64) / n).reshape(
+        (n,) + (1,) * (prediction.ndim - 1))
+    return cache[key].run(
+        ["loss", "prediction_grad"],
+        {"prediction": prediction.astype(dtype), "label": np.asarray(label).astype(dtype),
+         "sample_weight": column.astype(dtype)},
+    )

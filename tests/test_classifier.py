@@ -32,11 +32,10 @@ from onnxfit import (
     SoftmaxCrossEntropyLoss,
 )
 from onnxfit.classifier_graph import rewrite_linear_classifiers
-from onnxfit.gradient import build_gradient_model, make_session
+from onnxfit.gradient import make_session
 from onnxfit.losses import CLASSIFICATION_LOSSES, make_loss
-from onnxfit.onnx_graphs import piece_model
 
-from tests.graphs import convert, gemm_mlp_graph, mlp_graph
+from tests.graphs import convert, gemm_mlp_graph, mlp_graph, run_loss
 
 # scikit-learn models are fitted for a few iterations on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -131,17 +130,8 @@ LOSS_CASES = [
 _LOSS_SESSIONS = {}
 
 
-def _loss_run(loss, prediction, label, weight, dtype=np.float64, opset=17):
-    key = (type(loss).__name__, np.dtype(dtype).name, opset)
-    if key not in _LOSS_SESSIONS:
-        model = piece_model(loss.piece(dtype), opset=opset)
-        gradient = build_gradient_model(model, "loss", ["prediction"])
-        _LOSS_SESSIONS[key] = make_session(gradient, dtype=dtype)
-    return _LOSS_SESSIONS[key].run(
-        ["loss", "prediction_grad"],
-        {"prediction": prediction.astype(dtype), "label": label.astype(dtype),
-         "sample_weight": weight.astype(dtype)},
-    )
+def _loss_run(loss, prediction, label, weight, dtype=np.float64, opset=17, closed_form=True):
+    return run_loss(loss, prediction, label, weight, dtype, closed_form, _LOSS_SESSIONS, opset)
 
 
 def _loss_data(kind, n=9, k=3, seed=0):
@@ -166,12 +156,13 @@ LOSS_WIDTHS = [
 ]
 
 
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "automatic"])
 @pytest.mark.parametrize("loss, reference, kind, k", LOSS_WIDTHS)
-def test_classification_loss_matches_float64_reference(loss, reference, kind, k):
+def test_classification_loss_matches_float64_reference(loss, reference, kind, k, closed_form):
     prediction, label, weight = _loss_data(kind, k=max(k, 2))
     if k == 1:
         prediction, label = prediction[:, :1], label[:, :1]
-    value, grad = _loss_run(loss, prediction, label, weight)
+    value, grad = _loss_run(loss, prediction, label, weight, closed_form=closed_form)
     ref_value, ref_grad = reference(prediction, label)
     n = len(prediction)
     assert np.ndim(value) == 0 and grad.dtype == np.float64
@@ -185,11 +176,12 @@ def test_classification_loss_matches_float64_reference(loss, reference, kind, k)
                         (SoftmaxCrossEntropyLoss(), _ref_softmax_ce)],
     ids=["sigmoid", "softmax"],
 )
-def test_log_loss_is_finite_for_huge_logits(loss, reference, dtype):
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "automatic"])
+def test_log_loss_is_finite_for_huge_logits(loss, reference, dtype, closed_form):
     prediction = np.array([[1e4, -1e4, 0.5], [-1e4, 2.0, 1e4], [3.0, 1e4, -1e4]])
     label = np.eye(3)[[1, 2, 0]]  # the true class is often the far-off one
     weight = np.ones(3)
-    value, grad = _loss_run(loss, prediction, label, weight, dtype=dtype)
+    value, grad = _loss_run(loss, prediction, label, weight, dtype=dtype, closed_form=closed_form)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     ref_value, ref_grad = reference(prediction, label)
     assert_allclose(value, ref_value.sum(axis=1).mean(), rtol=1e-6)
@@ -652,3 +644,10 @@ def test_converted_binary_hinge_sgd_trains_its_raw_score(cancer, zipmap):
     exported = _session_outputs(clf.to_onnx(), X_test.astype(np.float32))
     label_name = clf._graph_info.label_output
     assert_array_equal(exported[label_name], clf.predict(X_test))
+
+
+def test_softmax_loss_refuses_a_single_output_column():
+    from onnxfit.losses import loss_gradient_model
+
+    with pytest.raises(ValueError, match="one column of scores per class"):
+        loss_gradient_model(SoftmaxCrossEntropyLoss(), np.float32, ())

@@ -192,8 +192,10 @@ def test_loss_graph_gives_the_closed_form_gradient():
     prediction = np.random.default_rng(0).standard_normal((40, 1)).astype(np.float32)
     label = y.reshape(-1, 1).astype(np.float32)
     weight = sample_weight.astype(np.float32)
+    # The loss graphs take the weights divided by the batch size, as a column.
+    scaled = (weight / 40).reshape(-1, 1)
     loss, gradient = session.run(
-        None, {PREDICTION: prediction, "onnxfit.label": label, "onnxfit.sample_weight": weight}
+        None, {PREDICTION: prediction, "onnxfit.label": label, "onnxfit.sample_weight": scaled}
     )
     residual = prediction.astype(np.float64) - label
     np.testing.assert_allclose(loss, np.mean(0.5 * residual[:, 0] ** 2 * weight), rtol=1e-6)

@@ -133,3 +133,82 @@ def test_missing_training_build_is_explained(monkeypatch):
     monkeypatch.setattr(gradient, "_C", PlainOnnxruntime())
     with pytest.raises(gradient.TrainingRuntimeError, match="pip install onnxruntime-training-cpu==1.19.2"):
         gradient.check_training_runtime()
+
+
+def test_read_output_gradient_gives_the_vector_jacobian_product():
+    """A backward pass started from a given dL/dY equals the closed form
+    X^T (g * relu'(XW)), whatever computes that gradient."""
+    from onnxfit.onnx_graphs import prune_graph
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    vjp (float[N, 3] X, float[3, 2] W, float[N, 2] G) => (float s) {
+        Z = MatMul(X, W)
+        Y = Relu(Z)
+        P = Mul(Y, G)
+        s = ReduceSum<keepdims = 0>(P)
+    }
+    """
+    model = gradient.build_gradient_model(parser.parse_model(text), "s", ["W"])
+    gradient.read_output_gradient(model, "Y", "G2")
+    graph = model.graph
+    # G2 = 3 G, computed after the backward nodes that read it: pruning sorts.
+    graph.node.append(onnx.helper.make_node("Mul", ["G", "three"], ["G2"]))
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(3.0, np.float32), "three"))
+    keep = [o for o in graph.output if o.name == "W_grad"]
+    del graph.output[:]
+    graph.output.extend(keep)
+    prune_graph(graph)
+    onnx.checker.check_model(model)
+    assert not any(node.op_type == "ReduceSum" for node in graph.node)  # <Y, G> is gone
+    rng = np.random.default_rng(0)
+    X, W, G = (rng.standard_normal(s).astype(np.float32) for s in ((5, 3), (3, 2), (5, 2)))
+    out = _run(model, {"X": X, "W": W, "G": G})
+    assert_allclose(out["W_grad"], X.T @ (3 * G * (X @ W > 0)), rtol=1e-5, atol=1e-6)
+
+
+def test_prune_graph_sorts_and_drops_what_no_output_needs():
+    from onnx import helper, numpy_helper
+
+    from onnxfit.onnx_graphs import prune_graph
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "one"], ["c"]),       # reads a, defined below
+            helper.make_node("Neg", ["x"], ["a"]),
+            helper.make_node("Mul", ["x", "unused_init"], ["dead"]),  # feeds no output
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "one"),
+         numpy_helper.from_array(np.ones(2, np.float32), "unused_init")],
+    )
+    prune_graph(graph)
+    assert [n.op_type for n in graph.node] == ["Neg", "Add"]
+    assert [i.name for i in graph.initializer] == ["one"]
+    assert [i.name for i in graph.input] == ["x"]
+    cyclic = helper.make_graph(
+        [helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Neg", ["a"], ["b"])],
+        "g", [], [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])],
+    )
+    with pytest.raises(ValueError, match="cycle"):
+        prune_graph(cyclic)
+
+
+def test_fused_graph_never_differentiates_a_loss_with_a_closed_form():
+    """The builder differentiates the model only: the loss's gradient is the
+    closed form, and a loss without one is differentiated on its own."""
+    from onnxfit.engines.fused import build_fused_model
+    from tests.test_losses import PseudoHuberLoss
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((20, 4)), rng.standard_normal(20)
+    for loss, expected in (("huber", False), (PseudoHuberLoss(), True)):
+        est = OnnxSGDRegressor(loss=loss, max_iter=1, tol=None).fit(X, y)
+        model = build_fused_model(est._problem())
+        loss_grad_nodes = [
+            n.name for n in model.graph.node
+            if n.name.startswith("onnxfit.loss.") and "_Grad/" in n.name
+        ]
+        assert bool(loss_grad_nodes) is expected, loss

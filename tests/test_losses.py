@@ -1,9 +1,10 @@
 """Regression losses: values and gradients against float64 references.
 
-Each loss is built as its own graph (``loss.piece`` -> ``piece_model``) and
-differentiated with respect to ``prediction`` by onnxruntime-training, the
-way the engines do it.  References are closed forms written here in numpy,
-checked in turn by central finite differences of the graph's own loss.
+Each loss is built as its own graph (``loss_gradient_model``), the way the
+engines build it: with the loss's closed-form derivative, and differentiated
+by onnxruntime-training instead (the two must agree).  References are closed
+forms written here in numpy, checked in turn by central finite differences
+of the graph's own loss.
 """
 
 import numpy as np
@@ -21,9 +22,9 @@ from onnxfit import (
     SquaredEpsilonInsensitiveLoss,
     SquaredLoss,
 )
-from onnxfit.gradient import build_gradient_model, make_session
 from onnxfit.losses import REGRESSION_LOSSES, make_loss
-from onnxfit.onnx_graphs import piece_model
+
+from tests.graphs import run_loss
 
 EPS = 0.3  # threshold of huber / epsilon-insensitive losses in these tests
 L1_RATIO = 0.3  # of the elastic loss
@@ -73,27 +74,10 @@ IDS = [type(loss).__name__ for loss, _ in CASES]
 _SESSIONS = {}
 
 
-def _loss_session(loss, dtype=np.float64):
-    """Session computing (loss, d loss / d prediction) for ``loss``."""
-    key = (type(loss).__name__, repr(loss.get_params()), np.dtype(dtype).name)
-    if key not in _SESSIONS:
-        model = piece_model(loss.piece(dtype))
-        grad_model = build_gradient_model(model, "loss", ["prediction"])
-        _SESSIONS[key] = make_session(grad_model, dtype=dtype)
-    return _SESSIONS[key]
-
-
-def _run(loss, prediction, label, sample_weight, dtype=np.float64):
-    session = _loss_session(loss, dtype)
-    value, grad = session.run(
-        ["loss", "prediction_grad"],
-        {
-            "prediction": prediction.astype(dtype),
-            "label": label.astype(dtype),
-            "sample_weight": sample_weight.astype(dtype),
-        },
-    )
-    return value, grad
+def _run(loss, prediction, label, sample_weight, dtype=np.float64, closed_form=True):
+    """(loss, d loss / d prediction) from the loss's graph; ``sample_weight``
+    holds the weights as users give them (one per sample)."""
+    return run_loss(loss, prediction, label, sample_weight, dtype, closed_form, _SESSIONS)
 
 
 def _data(shape, seed=0):
@@ -122,11 +106,12 @@ def _reference(elementwise, prediction, label, sample_weight):
     return np.mean(sample_weight * per_sample), w * derivative / n
 
 
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "automatic"])
 @pytest.mark.parametrize("shape", [(7,), (7, 1), (7, 3), (5, 2, 2)])
 @pytest.mark.parametrize("loss, elementwise", CASES, ids=IDS)
-def test_loss_value_and_gradient_match_closed_form(loss, elementwise, shape):
+def test_loss_value_and_gradient_match_closed_form(loss, elementwise, shape, closed_form):
     prediction, label, sample_weight = _data(shape)
-    value, grad = _run(loss, prediction, label, sample_weight)
+    value, grad = _run(loss, prediction, label, sample_weight, closed_form=closed_form)
     ref_value, ref_grad = _reference(elementwise, prediction, label, sample_weight)
     assert np.ndim(value) == 0
     assert grad.shape == prediction.shape
@@ -177,10 +162,11 @@ def test_absolute_terms_have_the_sign_of_the_residual(loss):
 
 
 @pytest.mark.parametrize("loss, elementwise", CASES, ids=IDS)
-def test_float32_piece_matches_float64_reference(loss, elementwise):
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "automatic"])
+def test_float32_piece_matches_float64_reference(loss, elementwise, closed_form):
     prediction, label, sample_weight = _data((8, 3), seed=3)
     p32, y32, w32 = (a.astype(np.float32) for a in (prediction, label, sample_weight))
-    value, grad = _run(loss, p32, y32, w32, dtype=np.float32)
+    value, grad = _run(loss, p32, y32, w32, dtype=np.float32, closed_form=closed_form)
     ref_value, ref_grad = _reference(
         elementwise, p32.astype(np.float64), y32.astype(np.float64), w32.astype(np.float64)
     )

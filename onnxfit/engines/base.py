@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..losses import loss_gradient_model
 from ..onnx_graphs import append_piece, onnx_elem_type, parse_piece, scalar_input
 
 
@@ -76,6 +77,7 @@ LABEL = "onnxfit.label"
 SAMPLE_WEIGHT = "onnxfit.sample_weight"
 LEARNING_RATE = "onnxfit.learning_rate"
 LOSS = "onnxfit.loss"
+DATA_LOSS = "onnxfit.data_loss"
 
 
 def state_value_name(weight, state):
@@ -95,8 +97,32 @@ def set_input_shape(graph, name, dtype, shape):
             value.CopyFrom(helper.make_tensor_value_info(name, onnx_elem_type(dtype), shape))
 
 
-def append_penalties(graph, problem, loss, objective):
-    """Append the penalty of each penalized weight and their sum with ``loss``.
+def append_loss(graph, problem, prediction, data_loss, prediction_grad):
+    """Append the loss and its gradient with respect to ``prediction``.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Modified in place; ``LABEL`` and ``SAMPLE_WEIGHT`` become inputs
+        when ``graph`` does not define them.
+    problem : TrainingProblem
+    prediction : str
+        Name of the model's trained output in ``graph``.
+    data_loss, prediction_grad : str
+        Names given to the scalar loss and to its gradient.
+    """
+    model = loss_gradient_model(problem.loss, problem.dtype, problem.label_shape)
+    append_piece(
+        graph,
+        model.graph,
+        prefix="onnxfit.loss.",
+        inputs={"prediction": prediction, "label": LABEL, "sample_weight": SAMPLE_WEIGHT},
+        outputs={"loss": data_loss, "prediction_grad": prediction_grad},
+    )
+
+
+def append_penalty_terms(graph, problem):
+    """Append the penalty of each penalized weight.
 
     Parameters
     ----------
@@ -104,12 +130,13 @@ def append_penalties(graph, problem, loss, objective):
         Modified in place; penalized weights it does not define become
         inputs (of unknown shape).
     problem : TrainingProblem
-    loss : str
-        Name of the scalar data loss in ``graph``.
-    objective : str
-        Name given to ``loss + penalties``.
+
+    Returns
+    -------
+    list of str
+        Names of the scalar penalties, one per penalized weight.
     """
-    terms = [loss]
+    terms = []
     for weight in problem.penalized:
         out = append_piece(
             graph,
@@ -118,16 +145,38 @@ def append_penalties(graph, problem, loss, objective):
             inputs={"weight": weight},
         )["penalty"]
         terms.append(out)
+    return terms
+
+
+def append_sum(graph, terms, total, dtype):
+    """Append ``total = terms[0] + terms[1] + ...`` (scalars of ``dtype``)."""
     # A chain of Add: onnxruntime-training has no gradient for Sum.
-    add = parse_piece(_ADD_TEXT, problem.dtype)
-    total = terms[0]
-    for k, term in enumerate(terms[1:]):
-        out = objective if k == len(terms) - 2 else f"onnxfit.objective.{k}"
-        append_piece(graph, add, f"onnxfit.objective.add{k}.", {"a": total, "b": term}, {"total": out})
-        total = out
     if len(terms) == 1:
-        append_piece(graph, parse_piece(_SAME_TEXT, problem.dtype), "onnxfit.objective.",
-                     {"a": total}, {"same": objective})
+        append_piece(graph, parse_piece(_SAME_TEXT, dtype), f"{total}.same.",
+                     {"a": terms[0]}, {"same": total})
+        return
+    add = parse_piece(_ADD_TEXT, dtype)
+    current = terms[0]
+    for k, term in enumerate(terms[1:]):
+        out = total if k == len(terms) - 2 else f"{total}.partial{k}"
+        append_piece(graph, add, f"{total}.add{k}.", {"a": current, "b": term}, {"total": out})
+        current = out
+
+
+def append_penalties(graph, problem, loss, objective):
+    """Append the penalty of each penalized weight and their sum with ``loss``.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Modified in place (see :func:`append_penalty_terms`).
+    problem : TrainingProblem
+    loss : str
+        Name of the scalar data loss in ``graph``.
+    objective : str
+        Name given to ``loss + penalties``.
+    """
+    append_sum(graph, [loss] + append_penalty_terms(graph, problem), objective, problem.dtype)
 
 
 _ADD_TEXT = """
@@ -219,14 +268,19 @@ class BatchBuffers:
         problem = self.problem
         self.X = np.empty((self.size, n_features), dtype=problem.input_dtype)
         self.label = np.empty((self.size,) + tuple(problem.label_shape), dtype=problem.dtype)
-        self.sample_weight = np.ones((self.size,), dtype=problem.dtype)
+        # The losses take the weights divided by the batch size and shaped to
+        # broadcast against the prediction (see onnxfit.losses).
+        self.sample_weight = np.full(
+            (self.size,) + (1,) * len(problem.label_shape), 1.0 / self.size, dtype=problem.dtype
+        )
+        self._weight_column = self.sample_weight.reshape(self.size)  # a view
         self.uniform_weights = True
 
     def gather(self, X, label, sample_weight, indices):
         """Copy the rows ``indices`` into the buffers.
 
-        ``sample_weight=None`` means uniform weights: the buffer is filled
-        with ones once instead of being gathered at every step.
+        ``sample_weight=None`` means uniform weights: the buffer keeps
+        ``1 / batch_size`` instead of being gathered at every step.
         """
         # mode="clip" avoids numpy's extra buffering of mode="raise" (the
         # indices come from a permutation, so they are always in range); the
@@ -234,12 +288,14 @@ class BatchBuffers:
         # much as gathering a small batch.
         X.take(indices, axis=0, out=self.X, mode="clip")
         label.take(indices, axis=0, out=self.label, mode="clip")
+        column = self._weight_column
         if sample_weight is None:
             if not self.uniform_weights:
-                self.sample_weight.fill(1)
+                column.fill(1.0 / self.size)
                 self.uniform_weights = True
         else:
-            sample_weight.take(indices, axis=0, out=self.sample_weight, mode="clip")
+            sample_weight.take(indices, axis=0, out=column, mode="clip")
+            column *= 1.0 / self.size
             self.uniform_weights = False
 
 

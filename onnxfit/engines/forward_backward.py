@@ -44,11 +44,13 @@ from ..onnx_graphs import (
     set_outputs,
 )
 from .base import (
+    DATA_LOSS,
     LABEL,
     LEARNING_RATE,
     LOSS,
     SAMPLE_WEIGHT,
     BaseEngine,
+    append_loss,
     append_penalties,
     append_updates,
     bind_output_array,
@@ -56,9 +58,8 @@ from .base import (
     set_input_shape,
 )
 
-#: Reserved names of the values passed between the pieces.
+#: Reserved name of the prediction passed between the pieces.
 PREDICTION = "onnxfit.prediction"
-DATA_LOSS = "onnxfit.data_loss"
 
 _GRADIENT_SUM_TEXT = """
 gradient_sum ({T}[] model_gradient, {T}[] penalty_gradient) => ({T}[] gradient) {{
@@ -90,20 +91,12 @@ def build_loss_model(problem):
         Inputs ``PREDICTION``, ``LABEL``, ``SAMPLE_WEIGHT``; outputs the
         scalar ``DATA_LOSS`` and ``gradient_name(PREDICTION)``.
     """
-    dtype = problem.dtype
     graph = _empty_graph("onnxfit_loss")
-    append_piece(
-        graph,
-        problem.loss.piece(dtype),
-        prefix="onnxfit.loss.",
-        inputs={"prediction": PREDICTION, "label": LABEL, "sample_weight": SAMPLE_WEIGHT},
-        outputs={"loss": DATA_LOSS},
-    )
+    append_loss(graph, problem, PREDICTION, DATA_LOSS, gradient_name(PREDICTION))
     shape = ["N"] + list(problem.label_shape)
-    set_input_shape(graph, PREDICTION, dtype, shape)
-    set_input_shape(graph, LABEL, dtype, shape)
-    set_outputs(graph, [(DATA_LOSS, onnx_elem_type(dtype), [])])
-    return build_gradient_model(piece_model(graph), DATA_LOSS, [PREDICTION])
+    elem = onnx_elem_type(problem.dtype)
+    set_outputs(graph, [(DATA_LOSS, elem, []), (gradient_name(PREDICTION), elem, shape)])
+    return piece_model(graph)
 
 
 def build_penalty_model(problem):

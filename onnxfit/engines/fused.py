@@ -1,11 +1,21 @@
 """The fused engine: one onnxruntime graph per training step.
 
-The training graph is the model's forward graph, then the loss and the
-penalties (:mod:`onnxfit.losses`, :mod:`onnxfit.penalties`), differentiated
-by onnxruntime-training (:func:`onnxfit.gradient.build_gradient_model`),
-then one copy of the learning-rate object's update rule per weight.  One
-``run`` computes forward, loss, gradients and the new weights: the fewest
-round trips between Python and onnxruntime.
+One ``run`` computes forward, loss, gradients and the new weights, the
+fewest round trips between Python and onnxruntime.  The graph is built in
+three parts:
+
+1. the model's forward graph, differentiated by onnxruntime-training
+   (:func:`onnxfit.gradient.build_gradient_model`) through the scalar
+   ``<prediction, G> + penalties``, where ``G`` stands for the loss's
+   gradient with respect to the prediction: the backward pass then computes
+   the model's vector-Jacobian product of ``G`` plus the penalties' gradients;
+2. the loss and its gradient (:func:`onnxfit.losses.loss_gradient_model`),
+   whose gradient output becomes ``G``
+   (:func:`onnxfit.gradient.read_output_gradient`), so the loss is never
+   differentiated through the graph: a closed form takes a handful of
+   kernels where the automatic derivative of a loss takes dozens, which is
+   most of a step of a small model;
+3. one copy of the learning-rate object's update rule per weight.
 
 Weights and update-rule state live in two sets of numpy buffers bound to the
 session (IO binding shares their memory): a step reads set ``p`` and writes
@@ -16,54 +26,42 @@ weight.  Only the scalar loss is read back per step.
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from ..gradient import build_gradient_model, gradient_name, make_session
-from ..onnx_graphs import append_piece, numpy_dtype, onnx_elem_type
+from ..gradient import build_gradient_model, gradient_name, make_session, read_output_gradient
+from ..onnx_graphs import (
+    append_piece,
+    numpy_dtype,
+    onnx_elem_type,
+    parse_piece,
+    prune_graph,
+    set_outputs,
+)
 from .base import (
+    DATA_LOSS,
     LABEL,
     LEARNING_RATE,
     LOSS,
     SAMPLE_WEIGHT,
     BaseEngine,
-    append_penalties,
+    append_loss,
+    append_penalty_terms,
+    append_sum,
     append_updates,
     bind_output_array,
     new_name,
     set_input_shape,
 )
 
+#: Reserved names of the fused graph.
+OUTPUT_GRADIENT = "onnxfit.output_gradient"
+SURROGATE = "onnxfit.surrogate"
 
-def add_loss_and_penalty(model, problem):
-    """Append the loss and the penalties to a copy of the forward model.
-
-    Returns
-    -------
-    onnx.ModelProto
-        Inputs: X, weights, label, sample_weight; single output: the scalar
-        objective named ``LOSS``.
-    """
-    dtype = problem.dtype
-    elem = onnx_elem_type(dtype)
-    full = onnx.ModelProto()
-    full.CopyFrom(model)
-    graph = full.graph
-    loss_out = append_piece(
-        graph,
-        problem.loss.piece(dtype),
-        prefix="onnxfit.loss.",
-        inputs={
-            "prediction": problem.output_name,
-            "label": LABEL,
-            "sample_weight": SAMPLE_WEIGHT,
-        },
-    )["loss"]
-    append_penalties(graph, problem, loss_out, LOSS)
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(LOSS, elem, []))
-    # The label has the model output's shape (batch dim symbolic).
-    set_input_shape(graph, LABEL, dtype, ["N"] + list(problem.label_shape))
-    return full
+_INNER_PRODUCT_TEXT = """
+inner_product ({T}[] a, {T}[] b) => ({T} inner) {{
+    product = Mul(a, b)
+    inner = ReduceSum<keepdims = 0>(product)
+}}
+"""
 
 
 def build_fused_model(problem):
@@ -72,14 +70,31 @@ def build_fused_model(problem):
     Inputs: X, label, sample_weight, learning_rate, weights, state tensors.
     Outputs: loss, then ``<weight>.new`` and ``<weight>.<state>.new``.
     """
-    objective = add_loss_and_penalty(problem.forward_model, problem)
-    model = build_gradient_model(objective, LOSS, problem.weight_names)
+    dtype = problem.dtype
+    elem = onnx_elem_type(dtype)
+    surrogate = onnx.ModelProto()
+    surrogate.CopyFrom(problem.forward_model)
+    graph = surrogate.graph
+    append_piece(
+        graph, parse_piece(_INNER_PRODUCT_TEXT, dtype), "onnxfit.inner.",
+        {"a": problem.output_name, "b": OUTPUT_GRADIENT}, {"inner": "onnxfit.inner"},
+    )
+    set_input_shape(graph, OUTPUT_GRADIENT, dtype, ["N"] + list(problem.label_shape))
+    penalties = append_penalty_terms(graph, problem)
+    append_sum(graph, ["onnxfit.inner"] + penalties, SURROGATE, dtype)
+    set_outputs(graph, [(SURROGATE, elem, [])])
+
+    model = build_gradient_model(surrogate, SURROGATE, problem.weight_names)
     graph = model.graph
-    loss_output = next(o for o in graph.output if o.name == LOSS)
+    read_output_gradient(model, problem.output_name, OUTPUT_GRADIENT)
+    graph.input.remove(next(i for i in graph.input if i.name == OUTPUT_GRADIENT))
+    append_loss(graph, problem, problem.output_name, DATA_LOSS, OUTPUT_GRADIENT)
+    append_sum(graph, [DATA_LOSS] + penalties, LOSS, dtype)
     gradients = {weight: gradient_name(weight) for weight in problem.weight_names}
-    outputs = [loss_output] + append_updates(graph, problem, gradients)
-    del graph.output[:]
-    graph.output.extend(outputs)
+    updates = append_updates(graph, problem, gradients)
+    set_outputs(graph, [(LOSS, elem, [])])
+    graph.output.extend(updates)
+    prune_graph(graph)
     onnx.checker.check_model(model)
     return model
 
