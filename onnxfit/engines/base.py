@@ -377,6 +377,36 @@ class BaseEngine:
         float
             Mean loss (penalty included) over the samples of the epoch.
         """
+        n = len(order)
+        n_features = X.shape[1]
+        n_full = n // batch_size
+        # Full batches, then the last, partial one: one set of buffers each,
+        # looked up once, so that a step is a gather, a rate and a run.
+        spans = [(batch_size, 0, n_full), (n - n_full * batch_size, n_full, n_full + 1)]
+        rates = np.asarray(rates).tolist()
+        rate, loss, step_fn = self._rate, self._step_loss, self._step
+        total = 0.0
+        for size, first, last in spans:
+            if size == 0 or first == last:
+                continue
+            buffers = self._batch_buffers(size, n_features)
+            gather = buffers.gather
+            span_total = 0.0
+            parity = self._parity
+            for step in range(first, last):
+                start = step * batch_size
+                gather(X, label, sample_weight, order[start:start + size])
+                rate[()] = rates[step]
+                step_fn(buffers, parity)
+                parity ^= 1
+                span_total += float(loss)
+            self._parity = parity
+            total += span_total * size
+        return total / n
+
+    def _step(self, buffers, parity):
+        """One update on the gathered batch: read weight set ``parity``,
+        write the other one, and the objective into ``_step_loss``."""
         raise NotImplementedError
 
     def _batch_buffers(self, size, n_features):

@@ -216,6 +216,16 @@ class ForwardBackwardEngine(BaseEngine):
         )
         self._penalty_bindings = [self._bind_penalty(p) for p in (0, 1)]
         self._update_bindings = [self._bind_update(p) for p in (0, 1)]
+        # What a step calls, looked up once.
+        model = self.model_gradient
+        self._new_state = model.new_state
+        self._forward, self._backward = model.run_forward, model.run_backward
+        self._run_loss = self.loss_session.run_with_iobinding
+        self._run_update = self.update_session.run_with_iobinding
+        self._run_penalty = (
+            self.penalty_session.run_with_iobinding if self.penalty_session is not None else None
+        )
+        self._step_loss = self._objective if self.penalty_session is not None else self._data_loss
 
     # -- IO bindings -------------------------------------------------------------
     def _bind_penalty(self, parity):
@@ -266,32 +276,11 @@ class ForwardBackwardEngine(BaseEngine):
         buffers.loss_binding = binding
 
     # -- training ---------------------------------------------------------------
-    def run_epoch(self, X, label, sample_weight, order, batch_size, rates):
-        n = len(order)
-        n_features = X.shape[1]
-        model = self.model_gradient
-        new_state, forward, backward = model.new_state, model.run_forward, model.run_backward
-        run_loss = self.loss_session.run_with_iobinding
-        run_update = self.update_session.run_with_iobinding
-        run_penalty = (
-            self.penalty_session.run_with_iobinding if self.penalty_session is not None else None
-        )
-        gradients = self._backward_outputs
-        objective = self._objective if run_penalty is not None else self._data_loss
-        total = 0.0
-        for step, start in enumerate(range(0, n, batch_size)):
-            indices = order[start:start + batch_size]
-            buffers = self._batch_buffers(len(indices), n_features)
-            buffers.gather(X, label, sample_weight, indices)
-            self._rate[...] = rates[step]
-            parity = self._parity
-            state = new_state()
-            forward(buffers.forward_inputs[parity], buffers.forward_outputs, state)
-            run_loss(buffers.loss_binding)
-            backward(buffers.backward_inputs, gradients, state)
-            if run_penalty is not None:
-                run_penalty(self._penalty_bindings[parity])
-            run_update(self._update_bindings[parity])
-            self._parity = 1 - parity
-            total += float(objective) * len(indices)
-        return total / n
+    def _step(self, buffers, parity):
+        state = self._new_state()
+        self._forward(buffers.forward_inputs[parity], buffers.forward_outputs, state)
+        self._run_loss(buffers.loss_binding)
+        self._backward(buffers.backward_inputs, self._backward_outputs, state)
+        if self._run_penalty is not None:
+            self._run_penalty(self._penalty_bindings[parity])
+        self._run_update(self._update_bindings[parity])

@@ -115,8 +115,9 @@ class FusedEngine(BaseEngine):
         self.session = make_session(self.training_model, problem.n_threads, problem.dtype)
         loss_out = self.training_model.graph.output[0]
         self._loss_name = loss_out.name
-        self._loss = np.zeros((), dtype=numpy_dtype(loss_out.type.tensor_type.elem_type))
+        self._step_loss = np.zeros((), dtype=numpy_dtype(loss_out.type.tensor_type.elem_type))
         self._rate = np.zeros((), dtype=problem.dtype)
+        self._run = self.session.run_with_iobinding
 
     def _bind_batch(self, buffers):
         problem = self.problem
@@ -130,22 +131,10 @@ class FusedEngine(BaseEngine):
             binding.bind_cpu_input(LEARNING_RATE, self._rate)
             for name, array in source.items():
                 binding.bind_cpu_input(name, array)
-            bind_output_array(binding, self._loss_name, self._loss)
+            bind_output_array(binding, self._loss_name, self._step_loss)
             for name, array in target.items():
                 bind_output_array(binding, new_name(name), array)
             buffers.bindings.append(binding)
 
-    def run_epoch(self, X, label, sample_weight, order, batch_size, rates):
-        n = len(order)
-        n_features = X.shape[1]
-        run = self.session.run_with_iobinding
-        total = 0.0
-        for step, start in enumerate(range(0, n, batch_size)):
-            indices = order[start:start + batch_size]
-            buffers = self._batch_buffers(len(indices), n_features)
-            buffers.gather(X, label, sample_weight, indices)
-            self._rate[...] = rates[step]
-            run(buffers.bindings[self._parity])
-            self._parity ^= 1
-            total += float(self._loss) * len(indices)
-        return total / n
+    def _step(self, buffers, parity):
+        self._run(buffers.bindings[parity])
