@@ -101,7 +101,10 @@ def ort_profile(info, runs=2000):
     sess = onnxruntime.InferenceSession(info["training_model"].SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
     buffers = engine._batch_buffers(wl.batch_size, wl.X.shape[1])
-    values = dict(engine._sets[0]) if hasattr(engine, "_sets") else {}
+    values = {}
+    if hasattr(engine, "_sets"):  # weights as views, and the flat vectors
+        values.update(engine._sets[0].views)
+        values.update(engine._sets[0].flat)
     feeds = {}
     for value in sess.get_inputs():
         name = value.name
@@ -110,7 +113,7 @@ def ort_profile(info, runs=2000):
         elif name.endswith("label"):
             feeds[name] = buffers.label
         elif name.endswith("sample_weight"):
-            feeds[name] = np.ones_like(buffers.sample_weight)
+            feeds[name] = buffers.sample_weight
         elif name.endswith("learning_rate"):
             feeds[name] = np.array(1e-3, dtype=engine.problem.dtype)
         elif name in values:

@@ -192,15 +192,40 @@ same ({T} a) => ({T} same) {{
 """
 
 
+#: Name of the flat vector holding every trained weight, one after the other.
+FLAT_WEIGHTS = "onnxfit.weights"
+FLAT_GRADIENT = "onnxfit.gradient"
+
+
+def flat_state_name(state):
+    """Name of the flat vector holding the update-rule state ``state``."""
+    return state_value_name(FLAT_WEIGHTS, state)
+
+
+_FLATTEN_TEXT = """
+flatten ({T}[] value) => ({T}[] flat) {{
+    shape = Constant<value = int64[1] {{-1}}>()
+    flat = Reshape(value, shape)
+}}
+"""
+
+
 def append_updates(graph, problem, gradients):
-    """Append one copy of the update rule per weight.
+    """Append the update rule, applied once to every weight laid end to end.
+
+    The gradients are flattened and concatenated in the order of
+    ``problem.weight_names``; the weights and each state tensor are read as
+    flat vectors in the same order (the engines keep them that way, see
+    :class:`WeightSet`).  One copy of the rule then updates every weight: a
+    handful of kernels instead of a handful per weight.
 
     Parameters
     ----------
     graph : onnx.GraphProto
-        Modified in place.  The scalar input ``LEARNING_RATE`` is added;
-        weights, gradients and state tensors it does not define become
-        inputs of the weight's shape.
+        Modified in place.  The scalar input ``LEARNING_RATE``, the flat
+        weights ``FLAT_WEIGHTS`` and state vectors ``flat_state_name(s)``
+        are added, and the gradients it does not define become inputs of
+        their weight's shape.
     problem : TrainingProblem
     gradients : dict of str -> str
         Weight -> name of its gradient in ``graph``.
@@ -208,32 +233,40 @@ def append_updates(graph, problem, gradients):
     Returns
     -------
     list of onnx.ValueInfoProto
-        The outputs ``<weight>.new`` and ``<weight>.<state>.new``, weight by
-        weight.
+        The outputs ``new_name(FLAT_WEIGHTS)``, then ``new_name`` of each
+        flat state vector.
     """
-    graph.input.append(scalar_input(LEARNING_RATE, problem.dtype))
-    outputs = []
-    piece = problem.learning_rate.update_piece(problem.dtype)
-    elem = onnx_elem_type(problem.dtype)
+    dtype, elem = problem.dtype, onnx_elem_type(problem.dtype)
+    size = sum(int(np.prod(problem.weight_shapes[w])) for w in problem.weight_names)
+    defined = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    flat_parts = []
     for weight in problem.weight_names:
-        mapping = {
-            "weight": weight,
-            "gradient": gradients[weight],
-            "learning_rate": LEARNING_RATE,
-        }
-        out_names = {"new_weight": new_name(weight)}
-        for state in problem.state_names:
-            mapping[state] = state_value_name(weight, state)
-            out_names["new_" + state] = new_name(state_value_name(weight, state))
-        append_piece(graph, piece, f"onnxfit.update.{weight}.", mapping, out_names)
+        name = gradients[weight]
         shape = list(problem.weight_shapes[weight])
-        for name in out_names.values():
-            outputs.append(helper.make_tensor_value_info(name, elem, shape))
-        for value in graph.input:
-            if value.name in mapping.values() and value.name != LEARNING_RATE:
-                if not value.type.tensor_type.HasField("shape"):
-                    set_input_shape(graph, value.name, problem.dtype, shape)
-    return outputs
+        if name not in defined:
+            graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+        if len(shape) != 1:
+            name = append_piece(graph, parse_piece(_FLATTEN_TEXT, dtype),
+                                f"onnxfit.flatten.{weight}.", {"value": name})["flat"]
+        flat_parts.append(name)
+    if len(flat_parts) == 1:
+        flat_gradient = flat_parts[0]
+    else:
+        flat_gradient = FLAT_GRADIENT
+        graph.node.append(helper.make_node(
+            "Concat", flat_parts, [FLAT_GRADIENT], name="onnxfit.concat_gradients", axis=0
+        ))
+    graph.input.append(scalar_input(LEARNING_RATE, dtype))
+    graph.input.append(helper.make_tensor_value_info(FLAT_WEIGHTS, elem, [size]))
+    mapping = {"weight": FLAT_WEIGHTS, "gradient": flat_gradient, "learning_rate": LEARNING_RATE}
+    out_names = {"new_weight": new_name(FLAT_WEIGHTS)}
+    for state in problem.state_names:
+        graph.input.append(helper.make_tensor_value_info(flat_state_name(state), elem, [size]))
+        mapping[state] = flat_state_name(state)
+        out_names["new_" + state] = new_name(flat_state_name(state))
+    append_piece(graph, problem.learning_rate.update_piece(dtype), "onnxfit.update.",
+                 mapping, out_names)
+    return [helper.make_tensor_value_info(name, elem, [size]) for name in out_names.values()]
 
 
 def bind_output_array(binding, name, array):
@@ -299,6 +332,40 @@ class BatchBuffers:
             self.uniform_weights = False
 
 
+class WeightSet:
+    """The weights and the update-rule state of a model, each a flat vector.
+
+    The update rule reads and writes flat vectors (:func:`append_updates`);
+    the model reads each weight as its own tensor, a view into the flat
+    vector (no copy: onnxruntime reads the same memory).
+
+    Parameters
+    ----------
+    problem : TrainingProblem
+
+    Attributes
+    ----------
+    flat : dict
+        ``FLAT_WEIGHTS`` and each ``flat_state_name(s)`` -> 1-D array.
+    views : dict
+        Each weight name and ``state_value_name(weight, s)`` -> view of the
+        weight's shape into the flat vectors.
+    """
+
+    def __init__(self, problem):
+        sizes = [int(np.prod(problem.weight_shapes[w])) for w in problem.weight_names]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.flat, self.views = {}, {}
+        for key, state in [(FLAT_WEIGHTS, None)] + [
+            (flat_state_name(s), s) for s in problem.state_names
+        ]:
+            flat = np.zeros(int(offsets[-1]), dtype=problem.dtype)
+            self.flat[key] = flat
+            for weight, start, stop in zip(problem.weight_names, offsets[:-1], offsets[1:]):
+                name = weight if state is None else state_value_name(weight, state)
+                self.views[name] = flat[start:stop].reshape(problem.weight_shapes[weight])
+
+
 class BaseEngine:
     """Interface of the training engines.
 
@@ -314,18 +381,8 @@ class BaseEngine:
         # writes the other one.  Writing in place would be wrong, since
         # onnxruntime may update a weight before a backward node that still
         # reads the old value.
-        self._sets = [self._empty_set(), self._empty_set()]
+        self._sets = [WeightSet(problem), WeightSet(problem)]
         self._parity = 0
-
-    def _empty_set(self):
-        problem = self.problem
-        values = {}
-        for weight in problem.weight_names:
-            shape = problem.weight_shapes[weight]
-            values[weight] = np.zeros(shape, dtype=problem.dtype)
-            for state in problem.state_names:
-                values[state_value_name(weight, state)] = np.zeros(shape, dtype=problem.dtype)
-        return values
 
     def set_state(self, weights, states):
         """Copy weights and update-rule state into the engine.
@@ -336,7 +393,7 @@ class BaseEngine:
         states : dict of str -> dict of str -> ndarray
             ``states[weight][state_name]``.
         """
-        current = self._sets[0]
+        current = self._sets[0].views
         for weight in self.problem.weight_names:
             np.copyto(current[weight], weights[weight], casting="same_kind")
             for state in self.problem.state_names:
@@ -349,13 +406,21 @@ class BaseEngine:
 
     def get_state(self):
         """Copies of the current weights and update-rule state."""
-        current = self._sets[self._parity]
+        current = self._sets[self._parity].views
         weights = {w: current[w].copy() for w in self.problem.weight_names}
         states = {
             w: {s: current[state_value_name(w, s)].copy() for s in self.problem.state_names}
             for w in self.problem.weight_names
         }
         return weights, states
+
+    def _bind_update_rule(self, binding, parity):
+        """Bind what the update rule reads from set ``parity`` and writes to
+        the other set."""
+        for name, array in self._sets[parity].flat.items():
+            binding.bind_cpu_input(name, array)
+        for name, array in self._sets[1 - parity].flat.items():
+            bind_output_array(binding, new_name(name), array)
 
     def run_epoch(self, X, label, sample_weight, order, batch_size, rates):
         """Run one pass of mini-batch updates.

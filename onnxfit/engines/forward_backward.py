@@ -54,7 +54,6 @@ from .base import (
     append_penalties,
     append_updates,
     bind_output_array,
-    new_name,
     set_input_shape,
 )
 
@@ -145,8 +144,9 @@ def build_update_model(problem):
     Returns
     -------
     onnx.ModelProto
-        Inputs ``LEARNING_RATE``, weights, gradients, state tensors;
-        outputs ``<weight>.new`` and ``<weight>.<state>.new``.
+        Inputs: the gradients, ``LEARNING_RATE``, the flat weights and
+        state vectors; outputs: their new values (see
+        :func:`onnxfit.engines.base.append_updates`).
     """
     graph = _empty_graph("onnxfit_update")
     gradients = {w: total_gradient_name(w) for w in problem.weight_names}
@@ -234,7 +234,7 @@ class ForwardBackwardEngine(BaseEngine):
         binding = self.penalty_session.io_binding()
         binding.bind_cpu_input(DATA_LOSS, self._data_loss)
         for weight in self.problem.penalized:
-            binding.bind_cpu_input(weight, self._sets[parity][weight])
+            binding.bind_cpu_input(weight, self._sets[parity].views[weight])
             binding.bind_cpu_input(model_gradient_name(weight), self._model_gradients[weight])
             bind_output_array(
                 binding, total_gradient_name(weight), self._total_gradients[weight]
@@ -243,15 +243,11 @@ class ForwardBackwardEngine(BaseEngine):
         return binding
 
     def _bind_update(self, parity):
-        source, target = self._sets[parity], self._sets[1 - parity]
         binding = self.update_session.io_binding()
         binding.bind_cpu_input(LEARNING_RATE, self._rate)
         for weight in self.problem.weight_names:
             binding.bind_cpu_input(total_gradient_name(weight), self._total_gradients[weight])
-        for name, array in source.items():
-            binding.bind_cpu_input(name, array)
-        for name, array in target.items():
-            bind_output_array(binding, new_name(name), array)
+        self._bind_update_rule(binding, parity)
         return binding
 
     def _bind_batch(self, buffers):
@@ -260,7 +256,7 @@ class ForwardBackwardEngine(BaseEngine):
         buffers.prediction = np.empty(shape, dtype=problem.dtype)
         buffers.output_gradient = np.empty(shape, dtype=problem.dtype)
         buffers.forward_inputs = [
-            ortvalue_vector([buffers.X] + [self._sets[p][w] for w in problem.weight_names])
+            ortvalue_vector([buffers.X] + [self._sets[p].views[w] for w in problem.weight_names])
             for p in (0, 1)
         ]
         # The agent writes the prediction into this buffer, the loss session

@@ -17,9 +17,10 @@ three parts:
    most of a step of a small model;
 3. one copy of the learning-rate object's update rule per weight.
 
-Weights and update-rule state live in two sets of numpy buffers bound to the
-session (IO binding shares their memory): a step reads set ``p`` and writes
-set ``1 - p``.  Writing in place would be wrong, since onnxruntime may
+Weights and update-rule state live in two sets of flat numpy vectors bound
+to the session (IO binding shares their memory; the model reads each weight
+as a view, the update rule the whole vector): a step reads set ``p`` and
+writes set ``1 - p``.  Writing in place would be wrong, since onnxruntime may
 schedule a weight's update before a backward node that still reads the old
 weight.  Only the scalar loss is read back per step.
 """
@@ -48,7 +49,6 @@ from .base import (
     append_sum,
     append_updates,
     bind_output_array,
-    new_name,
     set_input_shape,
 )
 
@@ -123,17 +123,15 @@ class FusedEngine(BaseEngine):
         problem = self.problem
         buffers.bindings = []
         for parity in (0, 1):
-            source, target = self._sets[parity], self._sets[1 - parity]
             binding = self.session.io_binding()
             binding.bind_cpu_input(problem.input_name, buffers.X)
             binding.bind_cpu_input(LABEL, buffers.label)
             binding.bind_cpu_input(SAMPLE_WEIGHT, buffers.sample_weight)
             binding.bind_cpu_input(LEARNING_RATE, self._rate)
-            for name, array in source.items():
-                binding.bind_cpu_input(name, array)
+            for weight in problem.weight_names:
+                binding.bind_cpu_input(weight, self._sets[parity].views[weight])
+            self._bind_update_rule(binding, parity)
             bind_output_array(binding, self._loss_name, self._step_loss)
-            for name, array in target.items():
-                bind_output_array(binding, new_name(name), array)
             buffers.bindings.append(binding)
 
     def _step(self, buffers, parity):
