@@ -511,3 +511,30 @@ def test_clone_gives_an_unfitted_estimator_with_the_same_params():
     assert cloned.get_params() == est.get_params()
     cloned.fit(X, y)
     np.testing.assert_array_equal(cloned.weights_["coef"], est.weights_["coef"])
+
+
+@pytest.mark.parametrize("where", ["X", "y", "sample_weight"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_refused_by_name(where, bad):
+    rng = np.random.default_rng(0)
+    data = {"X": rng.normal(size=(40, 3)), "y": rng.normal(size=40),
+            "sample_weight": np.ones(40)}
+    data[where][7] = bad
+    est = OnnxSGDRegressor(max_iter=2, tol=None)
+    # A negative infinite weight is refused as negative first.
+    message = f"Input {where} contains (NaN|infinity)|Negative values in data passed to `{where}`"
+    with pytest.raises(ValueError, match=message):
+        est.partial_fit(data["X"], data["y"], sample_weight=data["sample_weight"])
+    assert not hasattr(est, "weights_")
+
+
+def test_huge_finite_values_whose_sum_overflows_are_accepted():
+    # The first pass of the finiteness check sums the array: an overflowing
+    # sum of finite values must fall back to the exact check, not fail.
+    X = np.full((20, 2), 3e38, dtype=np.float32)
+    X[:, 1] = np.linspace(-1, 1, 20)
+    assert not np.isfinite(np.einsum("ij->", X))
+    est = OnnxSGDRegressor(max_iter=1, tol=None, batch_size=20, penalty=None,
+                           learning_rate=LearningRateSGD(eta0=1e-30, schedule="constant"))
+    est.fit(X, np.linspace(0, 1, 20))
+    assert np.isfinite(est.loss_curve_[0])
