@@ -24,7 +24,7 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper
 
-from .onnx_graphs import append_piece, parse_piece
+from .onnx_graphs import append_piece, fold_cast_like, parse_piece
 
 try:  # the training build exposes these; the plain package does not
     from onnxruntime.capi import _pybind_state as _C
@@ -136,6 +136,7 @@ def build_gradient_model(model, loss_name, wrt_names, rewrite=True):
     if rewrite:
         rewrite_training_ops(result)
         rewrite_bias_gradients(result, wrt_names)
+        fold_cast_like(result)
     return result
 
 
@@ -597,6 +598,7 @@ def build_module_gradient(model, weight_names, input_names_with_gradient=(), rew
     if rewrite:
         rewrite_training_ops(gradient_model)
         rewrite_bias_gradients(gradient_model, weight_names)
+        fold_cast_like(gradient_model)
     return ModuleGradientGraph(gradient_model, builder.get_graph_info())
 
 

@@ -229,3 +229,64 @@ def _node_reads(node):
             for inner in subgraph.node:
                 names |= _node_reads(inner)
     return names
+
+
+def fold_cast_like(model):
+    """Replace ``CastLike`` of constants by constants of the target type.
+
+    Pieces written once for float32 and float64 take their constants
+    through ``CastLike(constant, x)``; onnxruntime cannot fold those (``x``
+    is not constant), so each would cost a kernel per run.  Where onnx's
+    shape inference knows the element type of ``x``, ``CastLike(Constant)``
+    becomes a ``Constant`` and ``CastLike(ConstantOfShape)`` a
+    ``ConstantOfShape`` of that type; the other ones are left as they are.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Modified in place.
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference is an optimisation here, never a requirement
+        return model
+    types = {i.name: i.data_type for i in graph.initializer}
+    for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    producers = {o: node for node in graph.node for o in node.output}
+    folded = set()
+    for k, node in enumerate(graph.node):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx"):
+            continue
+        target = types.get(node.input[1])
+        source = producers.get(node.input[0])
+        if target not in _ONNX_TO_NUMPY or source is None or source.domain not in ("", "ai.onnx"):
+            continue
+        if source.op_type == "Constant" and [a.name for a in source.attribute] == ["value"]:
+            inputs = []
+        elif source.op_type == "ConstantOfShape":
+            inputs = list(source.input)
+        else:
+            continue
+        value = numpy_helper.to_array(source.attribute[0].t) if source.attribute else (
+            np.zeros(1, np.float32))  # ConstantOfShape's default value
+        tensor = numpy_helper.from_array(value.astype(_ONNX_TO_NUMPY[target]))
+        graph.node[k].CopyFrom(helper.make_node(
+            source.op_type, inputs, list(node.output), name=node.name or node.output[0],
+            value=tensor,
+        ))
+        folded.update(source.output)
+    if folded:
+        # Drop the float32 constants nothing reads any more.
+        read = {i for node in graph.node for i in _node_reads(node)}
+        read.update(o.name for o in graph.output)
+        kept = [n for n in graph.node if not (set(n.output) <= folded and not read & set(n.output))]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return model

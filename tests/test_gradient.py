@@ -212,3 +212,33 @@ def test_fused_graph_never_differentiates_a_loss_with_a_closed_form():
             if n.name.startswith("onnxfit.loss.") and "_Grad/" in n.name
         ]
         assert bool(loss_grad_nodes) is expected, loss
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fold_cast_like_turns_typed_constants_into_constants(dtype):
+    from onnxfit.onnx_graphs import fold_cast_like
+
+    T = "float" if dtype == np.float32 else "double"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g ({T}[N, 3] x) => ({T}[N, 3] y, {T}[3] s) {{
+        c_f = Constant<value = float {{2.5}}>()
+        c = CastLike(c_f, x)
+        n = Shape<start = 0, end = 1>(x)
+        ones_f = ConstantOfShape<value = float[1] {{1}}>(n)
+        ones = CastLike(ones_f, x)
+        y = Mul(x, c)
+        s = MatMul(ones, x)
+    }}
+    """
+    model = parser.parse_model(text)
+    x = np.arange(12, dtype=dtype).reshape(4, 3)
+    before = _run(model, {"x": x}, dtype)
+    fold_cast_like(model)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == [
+        "Constant", "Shape", "ConstantOfShape", "Mul", "MatMul"]
+    after = _run(model, {"x": x}, dtype)
+    assert_array_equal(after["y"], before["y"])
+    assert_array_equal(after["s"], before["s"])
+    assert after["y"].dtype == dtype
