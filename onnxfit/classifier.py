@@ -243,14 +243,15 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
                 f"classes={classes!r} is not the same as on the last call to "
                 f"partial_fit, was: {self.classes_!r}."
             )
-        return self._class_index(y).astype(np.float64)
+        return self._class_index(y)
 
     def _class_index(self, y):
         """Positions of the labels ``y`` in ``classes_``."""
         classes = self.classes_
         try:
-            index = np.minimum(np.searchsorted(classes, y), len(classes) - 1)
-            unknown = classes[index] != y
+            index = np.searchsorted(classes, y)
+            np.minimum(index, len(classes) - 1, out=index)
+            unknown = classes.take(index) != y
         except TypeError:  # labels of another type than classes_
             index, unknown = np.zeros(len(y), dtype=np.intp), np.ones(len(y), dtype=bool)
         if np.any(unknown):
@@ -342,14 +343,14 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         self._n_columns = width
 
     def _encode_labels(self, labels):
-        # Built directly in the graph's dtype: a float64 one-hot matrix and
-        # its float32 cast would cost 3x the labels' memory at peak.
-        columns = self._class_columns[labels.astype(np.intp)]
+        # One logit: a float column, 1 for the positive class.  One column per
+        # class: the column of each sample, as the smallest integers that
+        # hold it; the engines build the one-hot rows batch by batch, so the
+        # (n, n_columns) matrix never exists.
+        columns = self._class_columns.take(labels)
         if self._n_columns == 1:
             return (columns == 1).astype(self.dtype_)[:, None]
-        one_hot = np.zeros((len(columns), self._n_columns), dtype=self.dtype_)
-        one_hot[np.arange(len(columns)), columns] = 1
-        return one_hot
+        return columns.astype(np.min_scalar_type(self._n_columns - 1))
 
     def _scores_kind(self):
         link = self._graph_info.link

@@ -181,8 +181,10 @@ class BaseOnnxSGD(BaseEstimator):
         Returns
         -------
         X, y, labels, sample_weight, uniform
-            Data in the graph's dtypes; ``uniform`` is True when every
-            sample weight is 1 (the engines then skip gathering them).
+            Data in the graph's dtypes (labels may also be one-hot column
+            indices, see ``_encode_labels``); ``uniform`` is True when every
+            sample weight is 1 (the engines then skip gathering them), and
+            ``sample_weight`` is None when none was given.
         """
         if keep_weights and not first_call:
             self._check_same_model()
@@ -195,28 +197,36 @@ class BaseOnnxSGD(BaseEstimator):
                 y_numeric=self._y_numeric,
             )
             uniform = sample_weight is None
-            sample_weight = _check_sample_weight(
-                sample_weight, X, dtype=np.float64, ensure_non_negative=True
-            )
+            if not (uniform and getattr(self, "class_weight", None) is None):
+                sample_weight = _check_sample_weight(
+                    sample_weight, X, dtype=np.float64, ensure_non_negative=True
+                )
         assert_finite(X, "X", self)
         assert_finite(y, "y", self)
-        assert_finite(sample_weight, "sample_weight", self)
         labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
-        sample_weight = self._weight_samples(y, sample_weight)
-        uniform = uniform and bool(np.all(sample_weight == 1))
+        if sample_weight is not None:
+            # Uniform weights stay None: no array of ones is made or gathered.
+            assert_finite(sample_weight, "sample_weight", self)
+            sample_weight = self._weight_samples(y, sample_weight)
+            uniform = uniform and bool(np.all(sample_weight == 1))
         if reset or first_call:
             self._start(X, labels, keep_weights=keep_weights and not first_call)
+        if sample_weight is not None:
+            sample_weight = sample_weight.astype(self.dtype_, copy=False)
         labels = self._encode_labels(labels)
         label_shape = self.label_shape_
-        per_sample = int(np.prod(labels.shape[1:]))
+        if labels.dtype.kind in "iu":  # one-hot labels as column indices
+            per_sample = int(np.prod(label_shape))
+        else:
+            per_sample = int(np.prod(labels.shape[1:]))
         if per_sample != int(np.prod(label_shape)):
             raise ValueError(
                 f"y has {per_sample} value(s) per sample, but the estimator was fitted "
                 f"on targets of shape {('n',) + label_shape} (the graph's output "
                 f"{self.trained_output_!r}); refit with warm_start=False to change it."
             )
-        labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
-        sample_weight = sample_weight.astype(self.dtype_, copy=False)
+        if labels.dtype.kind not in "iu":
+            labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
         X = np.ascontiguousarray(X, dtype=self.input_dtype_)
         return X, y, labels, sample_weight, uniform
 
@@ -237,7 +247,9 @@ class BaseOnnxSGD(BaseEstimator):
                     f"training or validation set for {len(X)} samples."
                 )
             validation = (X[val_idx], y[val_idx])
-            X, labels, sample_weight = X[train_idx], labels[train_idx], sample_weight[train_idx]
+            X, labels = X[train_idx], labels[train_idx]
+            if sample_weight is not None:
+                sample_weight = sample_weight[train_idx]
 
         batch_size = self._batch_size(len(X))
         n_batches = -(-len(X) // batch_size)
@@ -252,7 +264,11 @@ class BaseOnnxSGD(BaseEstimator):
         no_improvement = 0
         try:
             for _ in range(max_iter):
-                order = rng.permutation(len(X)) if self.shuffle else np.arange(len(X))
+                # int32 indices: half the memory of a permutation's int64, and
+                # RandomState.shuffle draws the same order.
+                order = np.arange(len(X), dtype=np.int32 if len(X) < 2**31 else np.intp)
+                if self.shuffle:
+                    rng.shuffle(order)
                 rates = learning_rate.rates(schedule_state, n_batches)
                 loss = engine.run_epoch(
                     X, labels, None if uniform else sample_weight, order, batch_size, rates

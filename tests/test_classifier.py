@@ -651,3 +651,24 @@ def test_softmax_loss_refuses_a_single_output_column():
 
     with pytest.raises(ValueError, match="one column of scores per class"):
         loss_gradient_model(SoftmaxCrossEntropyLoss(), np.float32, ())
+
+
+def test_one_hot_labels_are_built_batch_by_batch():
+    """Labels travel as small column indices; each batch's one-hot rows equal
+    the full one-hot matrix's rows."""
+    from onnxfit.engines.base import BatchBuffers
+
+    X, y = load_digits(return_X_y=True)
+    clf = OnnxSGDClassifier(max_iter=1, tol=None, random_state=0).fit(X[:300], y[:300])
+    columns = clf._encode_labels(clf._class_index(y[:300]))
+    assert columns.dtype == np.uint8 and columns.shape == (300,)
+    problem = clf._problem()
+    buffers = BatchBuffers(problem, 7)
+    buffers.allocate(X.shape[1])
+    indices = np.array([5, 0, 299, 42, 42, 17, 100])
+    data = X[:300].astype(problem.input_dtype)
+    buffers.gather(data, columns, None, indices)
+    one_hot = np.eye(10, dtype=problem.dtype)[columns]
+    assert_array_equal(buffers.label, one_hot[indices])
+    assert_array_equal(buffers.X, data[indices])
+    assert_allclose(buffers.sample_weight.ravel(), np.full(7, 1 / 7))

@@ -308,6 +308,11 @@ class BatchBuffers:
         )
         self._weight_column = self.sample_weight.reshape(self.size)  # a view
         self.uniform_weights = True
+        # One-hot labels given as column indices are built from these rows.
+        width = int(np.prod(problem.label_shape))
+        self._one_hot_rows = np.eye(width, dtype=problem.dtype).reshape(
+            (width,) + tuple(problem.label_shape))
+        self._label_index = None
 
     def gather(self, X, label, sample_weight, indices):
         """Copy the rows ``indices`` into the buffers.
@@ -320,7 +325,13 @@ class BatchBuffers:
         # ndarray method skips np.take's Python wrapper, which costs about as
         # much as gathering a small batch.
         X.take(indices, axis=0, out=self.X, mode="clip")
-        label.take(indices, axis=0, out=self.label, mode="clip")
+        if label.dtype.kind in "iu":  # column indices of one-hot labels
+            if self._label_index is None or self._label_index.dtype != label.dtype:
+                self._label_index = np.empty(self.size, dtype=label.dtype)
+            label.take(indices, axis=0, out=self._label_index, mode="clip")
+            self._one_hot_rows.take(self._label_index, axis=0, out=self.label, mode="clip")
+        else:
+            label.take(indices, axis=0, out=self.label, mode="clip")
         column = self._weight_column
         if sample_weight is None:
             if not self.uniform_weights:
@@ -428,7 +439,11 @@ class BaseEngine:
         Parameters
         ----------
         X : ndarray of shape (n_samples, n_features), input dtype, C-contiguous
-        label : ndarray of shape (n_samples,) + label_shape
+        label : ndarray of shape (n_samples,) + label_shape, or of integers
+            Labels in the problem's dtype, or, for one-hot labels, the
+            position of each sample's 1 in its flattened label (an integer
+            array of shape (n_samples,)): the one-hot rows are then made
+            batch by batch, never for the whole data.
         sample_weight : ndarray of shape (n_samples,) or None
             None means uniform weights.
         order : ndarray of int
