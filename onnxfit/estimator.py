@@ -69,9 +69,12 @@ def assert_finite(array, input_name, estimator):
     the sum non-finite; an overflowing sum of finite values only sends the
     array to scikit-learn's exact check, which also writes the error.
     """
-    if get_config()["assume_finite"] or not (
-        isinstance(array, np.ndarray) and array.dtype.kind == "f" and array.size
-    ):
+    if get_config()["assume_finite"] or not isinstance(array, np.ndarray) or not array.size:
+        return
+    if array.dtype.kind == "O":  # labels: scikit-learn looks for NaN among them
+        assert_all_finite(array, estimator_name=type(estimator).__name__, input_name=input_name)
+        return
+    if array.dtype.kind != "f":
         return
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.einsum("abcdefgh"[:array.ndim] + "->", array)
@@ -113,7 +116,8 @@ class BaseOnnxSGD(BaseEstimator):
         raise NotImplementedError
 
     def _validate_targets(self, y, reset, classes=None):
-        """Return y as the labels the loss expects (float array)."""
+        """Return y checked and encoded for ``_encode_labels``: the targets as
+        floats (regression) or each sample's class index (classification)."""
         raise NotImplementedError
 
     def _default_model(self, n_features, labels, dtype):
@@ -184,7 +188,8 @@ class BaseOnnxSGD(BaseEstimator):
             Data in the graph's dtypes (labels may also be one-hot column
             indices, see ``_encode_labels``); ``uniform`` is True when every
             sample weight is 1 (the engines then skip gathering them), and
-            ``sample_weight`` is None when none was given.
+            ``sample_weight`` is None when none was given and no class
+            weights apply.
         """
         if keep_weights and not first_call:
             self._check_same_model()
@@ -340,8 +345,9 @@ class BaseOnnxSGD(BaseEstimator):
 
     def _encode_labels(self, labels):
         """Hook: labels from :meth:`_validate_targets` in the form the trained
-        output needs, once the graph is known (classification one-hot encodes
-        in the graph's class order); regression uses them as they are."""
+        output needs, once the graph is known: classification gives each
+        sample's column in the graph's class order (the engines expand them
+        to one-hot rows batch by batch); regression uses them as they are."""
         return labels
 
     def _prepare_model(self, model, X):

@@ -37,9 +37,8 @@ Its derivative is then computed by onnxruntime-training; writing
 :meth:`BaseLoss.derivative_body` as well makes training faster.
 """
 
-from sklearn.base import BaseEstimator
-
 from onnx import helper
+from sklearn.base import BaseEstimator
 
 from .onnx_graphs import OPSET, onnx_elem_type, parse_piece, piece_model, set_outputs
 
@@ -86,9 +85,6 @@ class BaseLoss(BaseEstimator):
     work, so they can be searched by ``GridSearchCV``).
     """
 
-    #: Whether the loss expects one-hot labels (classification).
-    one_hot_labels = False
-
     def elementwise_body(self):
         """ONNX nodes computing ``elementwise`` from ``prediction`` and
         ``label``; ``{T}`` is the element type, ``{name}`` fields are filled
@@ -121,6 +117,11 @@ class BaseLoss(BaseEstimator):
 
     def piece(self, dtype):
         """The loss as a graph: ``(prediction, label, sample_weight) -> loss``.
+
+        ``sample_weight`` holds each sample's weight divided by the number of
+        samples in the batch, shaped ``(n, 1, ..., 1)`` to broadcast against
+        the prediction (see the module docstring): the loss is their
+        weighted sum.
 
         Parameters
         ----------
@@ -444,8 +445,6 @@ class SigmoidCrossEntropyLoss(BaseLoss):
     columns it is its one-vs-rest objective.
     """
 
-    one_hot_labels = True
-
     def elementwise_body(self):
         return """
     positive = Relu(prediction)
@@ -476,13 +475,12 @@ class SoftmaxCrossEntropyLoss(BaseLoss):
     Labels are one-hot.
     """
 
-    one_hot_labels = True
-
     def check_label_shape(self, label_shape):
-        if len(label_shape) == 0:
+        if len(label_shape) == 0 or label_shape[-1] < 2:
             raise ValueError(
-                "SoftmaxCrossEntropyLoss needs one column of scores per class: the "
-                "trained output has a single value per sample."
+                "SoftmaxCrossEntropyLoss needs one column of scores per class (two "
+                f"or more), but the trained output has shape {('n',) + label_shape}: "
+                "a softmax over one value is constant and nothing would train."
             )
 
     def elementwise_body(self):
@@ -520,8 +518,6 @@ class NegativeLogLikelihoodLoss(BaseLoss):
     eps : float, default=1e-7
         Smallest probability used in the logarithm.
     """
-
-    one_hot_labels = True
 
     def __init__(self, eps=1e-7):
         self.eps = eps
@@ -568,8 +564,6 @@ class HingeLoss(BaseLoss):
     threshold : float, default=1.0
     """
 
-    one_hot_labels = True
-
     def __init__(self, threshold=1.0):
         self.threshold = threshold
 
@@ -584,9 +578,11 @@ class HingeLoss(BaseLoss):
 """
 
     def derivative_body(self):
-        # -sign where the margin is below the threshold (elementwise > 0).
+        # -sign where margin <= threshold: at the kink too, as scikit-learn's
+        # Hinge (with threshold=0 and zero weights, a 0 there never trains).
         return """
-    active = Sign(elementwise)
+    within = LessOrEqual(margin, threshold)
+    active = CastLike(within, margin)
     signed = Mul(sign, active)
     derivative = Neg(signed)
 """
@@ -598,8 +594,6 @@ class ModifiedHuberLoss(BaseLoss):
     ``max(0, 1 - z)^2`` for ``z >= -1``, ``-4 z`` below; written with
     ``u = max(0, 1 - z)`` and ``m = min(u, 2)`` as ``m^2 + 4 (u - m)``.
     """
-
-    one_hot_labels = True
 
     def elementwise_body(self):
         return _SIGNED_LABEL + """

@@ -66,11 +66,16 @@ def parse_piece(text, dtype, **constants):
     return graph
 
 
-def piece_model(graph, opset=OPSET):
-    """Wrap a piece in a ModelProto that onnxruntime-training 1.19.2 loads."""
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)]
-    )
+def piece_model(graph, opset=OPSET, other_opsets=()):
+    """Wrap a piece in a ModelProto that onnxruntime-training 1.19.2 loads.
+
+    ``other_opsets`` are OperatorSetIdProto of other domains the piece uses
+    (``com.microsoft`` in an automatic derivative, say).
+    """
+    imports = [helper.make_opsetid("", opset)] + [
+        o for o in other_opsets if o.domain not in ("", "ai.onnx")
+    ]
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     # Pieces take tensors of any rank ({T}[]), which onnx.checker.check_model
     # rejects on a main graph ("Field 'shape' of 'type' is required"), while
@@ -78,9 +83,10 @@ def piece_model(graph, opset=OPSET):
     # inference, instead.
     ctx = onnx.checker.C.CheckerContext()
     ctx.ir_version = model.ir_version
-    ctx.opset_imports = {"": opset}
+    ctx.opset_imports = {o.domain: o.version for o in imports}
     for node in model.graph.node:
-        onnx.checker.check_node(node, ctx)
+        if node.domain in ("", "ai.onnx"):  # onnx knows no other domain's schemas
+            onnx.checker.check_node(node, ctx)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     return model
 
@@ -162,9 +168,15 @@ def scalar_input(name, dtype):
     return helper.make_tensor_value_info(name, onnx_elem_type(dtype), [])
 
 
-def initializer_arrays(graph):
-    """Map initializer name -> numpy array (a copy)."""
-    return {i.name: numpy_helper.to_array(i).copy() for i in graph.initializer}
+def merge_opset_imports(model, other):
+    """Add to ``model`` the opset imports of ``other`` that it lacks (after
+    pasting ``other``'s nodes into it, say)."""
+    domains = {o.domain for o in model.opset_import}
+    for opset in other.opset_import:
+        if opset.domain not in domains:
+            model.opset_import.append(opset)
+            domains.add(opset.domain)
+    return model
 
 
 def prune_graph(graph):

@@ -672,3 +672,77 @@ def test_one_hot_labels_are_built_batch_by_batch():
     assert_array_equal(buffers.label, one_hot[indices])
     assert_array_equal(buffers.X, data[indices])
     assert_allclose(buffers.sample_weight.ravel(), np.full(7, 1 / 7))
+
+
+def test_softmax_loss_refuses_one_column_binary_scores():
+    X, y = load_breast_cancer(return_X_y=True)
+    clf = OnnxSGDClassifier(loss=SoftmaxCrossEntropyLoss(), max_iter=1, tol=None)
+    with pytest.raises(ValueError, match="softmax over one value is constant"):
+        clf.fit(X[:50], y[:50])
+
+
+def test_hinge_with_threshold_zero_trains_from_zero_weights():
+    """scikit-learn's Hinge takes -y at the kink (z <= threshold): with
+    threshold 0 (the perceptron) and zero weights every margin is at the kink."""
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    clf = OnnxSGDClassifier(loss=HingeLoss(threshold=0.0), max_iter=5, tol=None,
+                            random_state=0).fit(X, y)
+    assert np.abs(clf.weights_["coef"]).max() > 0
+    assert clf.score(X, y) > 0.9
+
+
+def test_object_labels_with_nan_are_refused_like_scikit_learn():
+    X, _ = load_iris(return_X_y=True)
+    y = np.array(["a", "b"] * 74 + ["a", np.nan], dtype=object)
+    with pytest.raises(ValueError, match="Input (y )?contains NaN"):
+        OnnxSGDClassifier(max_iter=1, tol=None).fit(X, y)
+    with pytest.raises(ValueError, match="Input (y )?contains NaN"):
+        SGDClassifier(max_iter=1, tol=None).fit(X, y)
+
+
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "automatic"])
+@pytest.mark.parametrize("loss, reference", [(SoftmaxCrossEntropyLoss(), _ref_softmax_ce),
+                                             (SigmoidCrossEntropyLoss(), _ref_sigmoid_ce)],
+                         ids=["softmax", "sigmoid"])
+def test_log_losses_with_soft_labels(loss, reference, closed_form):
+    """Labels that are not one-hot (rows summing to 0.4-1.6): the softmax
+    derivative's sum-of-labels factor matters."""
+    rng = np.random.default_rng(3)
+    prediction = rng.normal(size=(8, 4)) * 2
+    label = rng.dirichlet(np.ones(4), size=8) * rng.uniform(0.4, 1.6, size=(8, 1))
+    weight = rng.uniform(0.2, 3.0, size=8)
+    value, grad = _loss_run(loss, prediction, label, weight, closed_form=closed_form)
+    ref_value, ref_grad = reference(prediction, label)
+    assert_allclose(value, np.mean(weight * ref_value.sum(axis=1)), rtol=1e-12)
+    assert_allclose(grad, weight[:, None] * ref_grad / 8, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss, reference, kind", [
+    (SigmoidCrossEntropyLoss(), _ref_sigmoid_ce, "scores"),
+    (HingeLoss(), _ref_hinge, "scores"),
+    (ModifiedHuberLoss(), _ref_modified_huber, "scores"),
+    (NegativeLogLikelihoodLoss(), _ref_nll, "probabilities"),
+], ids=["sigmoid", "hinge", "modified_huber", "nll"])
+@pytest.mark.parametrize("shape", [(9,), (3, 2, 3)])
+def test_classification_closed_forms_of_other_ranks(loss, reference, kind, shape):
+    """Per-sample outputs of rank 0 and 2: closed form == automatic == numpy."""
+    prediction, label, weight = _loss_data(kind, n=int(np.prod(shape)), k=3)
+    prediction, label = prediction[:, 0].reshape(shape), label[:, 0].reshape(shape)
+    weight = weight[:shape[0]]
+    n = shape[0]
+    ref_value, ref_grad = reference(prediction, label)
+    column = weight.reshape((n,) + (1,) * (len(shape) - 1))
+    for closed_form in (True, False):
+        value, grad = _loss_run(loss, prediction, label, weight, closed_form=closed_form)
+        assert_allclose(value, np.sum(column * ref_value) / n, rtol=1e-12)
+        assert_allclose(grad, column * ref_grad / n, rtol=1e-10, atol=1e-15)
+
+
+def test_sigmoid_log_loss_gradient_at_zero_scores():
+    """Zero weights give zero scores, where the automatic derivative of the
+    stable form is wrong (Relu' and the derivative of |p| are 0 there): the
+    closed form gives sigmoid(0) - y = 0.5 - y."""
+    label = np.array([[1.0], [0.0], [1.0]])
+    _, grad = _loss_run(SigmoidCrossEntropyLoss(), np.zeros((3, 1)), label, np.ones(3))
+    assert_allclose(grad, (0.5 - label) / 3, rtol=1e-15)

@@ -17,6 +17,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from onnxfit import (
+    BaseLoss,
     HuberLoss,
     LearningRateSGD,
     LearningRateSGDNesterov,
@@ -250,3 +251,58 @@ def test_grid_search_builds_the_model_gradient_once():
     assert model_gradient_cache.builds == builds + 1
     assert model_gradient_cache.hits >= hits + 2 * 8  # every other fit (refit included)
     assert search.best_score_ > 0.5
+
+
+class _SoftmaxTanhLoss(BaseLoss):
+    """A loss without a closed form whose automatic derivative needs a
+    com.microsoft operator (SoftmaxGrad_13)."""
+
+    def elementwise_body(self):
+        return """
+    d = Sub(prediction, label)
+    s = Softmax<axis = -1>(d)
+    t = Tanh(d)
+    r = Relu(d)
+    e1 = Mul(s, t)
+    elementwise = Add(e1, r)
+"""
+
+
+def test_loss_without_closed_form_using_training_operators_in_both_engines():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(37, 4)).astype(np.float32)  # SoftmaxGrad_13 is float32 only
+    y = rng.normal(size=(37, 3))
+    models = {
+        engine: OnnxSGDRegressor(loss=_SoftmaxTanhLoss(), engine=engine, max_iter=2, tol=None,
+                                 penalty=None, batch_size=8, random_state=0).fit(X, y)
+        for engine in ("fused", "forward_backward")
+    }
+    assert relative_difference(models["forward_backward"].weights_, models["fused"].weights_) <= 1e-5
+    np.testing.assert_allclose(models["forward_backward"].loss_curve_, models["fused"].loss_curve_,
+                               rtol=1e-6)
+    assert models["fused"].loss_curve_[1] < models["fused"].loss_curve_[0]
+
+
+class _LossNamingAValuePartial0(BaseLoss):
+    """Its intermediate value shares a name with the objective's partial sums."""
+
+    def elementwise_body(self):
+        return """
+    partial0 = Sub(prediction, label)
+    elementwise = Mul(partial0, partial0)
+"""
+
+    def derivative_body(self):
+        return """
+    two = Constant<value = {T} {{2.0}}>()
+    derivative = Mul(partial0, two)
+"""
+
+
+def test_loss_value_names_never_collide_with_the_objective_sum():
+    X, y, sample_weight = regression_data()
+    fused, forward_backward = fit_both(
+        gemm_mlp_graph(N_FEATURES, (6,), 1), X, y, sample_weight,
+        loss=_LossNamingAValuePartial0(), penalty="l2", alpha=0.01,
+    )
+    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-5

@@ -538,3 +538,13 @@ def test_huge_finite_values_whose_sum_overflows_are_accepted():
                            learning_rate=LearningRateSGD(eta0=1e-30, schedule="constant"))
     est.fit(X, np.linspace(0, 1, 20))
     assert np.isfinite(est.loss_curve_[0])
+
+
+def test_regression_batches_allocate_no_one_hot_rows():
+    """One-hot rows are made only for labels given as column indices: a wide
+    regression output must not pay width^2 memory per batch size."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 5)), rng.normal(size=(60, 3000))
+    est = OnnxSGDRegressor(max_iter=1, tol=None, batch_size=25).fit(X, y)
+    buffers = est._runtime.engine._buffers
+    assert buffers and all(b._one_hot_rows is None for b in buffers.values())

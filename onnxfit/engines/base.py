@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from ..losses import loss_gradient_model
-from ..onnx_graphs import append_piece, onnx_elem_type, parse_piece, scalar_input
+from ..onnx_graphs import OPSET, append_piece, onnx_elem_type, parse_piece, scalar_input
 
 
 @dataclass
@@ -97,7 +97,7 @@ def set_input_shape(graph, name, dtype, shape):
             value.CopyFrom(helper.make_tensor_value_info(name, onnx_elem_type(dtype), shape))
 
 
-def append_loss(graph, problem, prediction, data_loss, prediction_grad):
+def append_loss(graph, problem, prediction, data_loss, prediction_grad, opset=OPSET):
     """Append the loss and its gradient with respect to ``prediction``.
 
     Parameters
@@ -110,8 +110,18 @@ def append_loss(graph, problem, prediction, data_loss, prediction_grad):
         Name of the model's trained output in ``graph``.
     data_loss, prediction_grad : str
         Names given to the scalar loss and to its gradient.
+    opset : int, default=OPSET
+        Opset of ``graph``'s default domain.
+
+    Returns
+    -------
+    onnx.ModelProto
+        The loss model whose nodes were appended: the caller's model must
+        import its opsets too (an automatic derivative may use
+        ``com.microsoft`` operators), see
+        :func:`onnxfit.onnx_graphs.merge_opset_imports`.
     """
-    model = loss_gradient_model(problem.loss, problem.dtype, problem.label_shape)
+    model = loss_gradient_model(problem.loss, problem.dtype, problem.label_shape, opset=opset)
     append_piece(
         graph,
         model.graph,
@@ -119,6 +129,7 @@ def append_loss(graph, problem, prediction, data_loss, prediction_grad):
         inputs={"prediction": prediction, "label": LABEL, "sample_weight": SAMPLE_WEIGHT},
         outputs={"loss": data_loss, "prediction_grad": prediction_grad},
     )
+    return model
 
 
 def append_penalty_terms(graph, problem):
@@ -148,18 +159,22 @@ def append_penalty_terms(graph, problem):
     return terms
 
 
-def append_sum(graph, terms, total, dtype):
-    """Append ``total = terms[0] + terms[1] + ...`` (scalars of ``dtype``)."""
+def append_sum(graph, terms, total, dtype, prefix):
+    """Append ``total = terms[0] + terms[1] + ...`` (scalars of ``dtype``).
+
+    Intermediate names start with ``prefix``, which must not be the prefix
+    of another piece of ``graph``.
+    """
     # A chain of Add: onnxruntime-training has no gradient for Sum.
     if len(terms) == 1:
-        append_piece(graph, parse_piece(_SAME_TEXT, dtype), f"{total}.same.",
-                     {"a": terms[0]}, {"same": total})
+        append_piece(graph, parse_piece(_SAME_TEXT, dtype), prefix, {"a": terms[0]},
+                     {"same": total})
         return
     add = parse_piece(_ADD_TEXT, dtype)
     current = terms[0]
     for k, term in enumerate(terms[1:]):
-        out = total if k == len(terms) - 2 else f"{total}.partial{k}"
-        append_piece(graph, add, f"{total}.add{k}.", {"a": current, "b": term}, {"total": out})
+        out = total if k == len(terms) - 2 else f"{prefix}partial{k}"
+        append_piece(graph, add, f"{prefix}add{k}.", {"a": current, "b": term}, {"total": out})
         current = out
 
 
@@ -176,7 +191,8 @@ def append_penalties(graph, problem, loss, objective):
     objective : str
         Name given to ``loss + penalties``.
     """
-    append_sum(graph, [loss] + append_penalty_terms(graph, problem), objective, problem.dtype)
+    append_sum(graph, [loss] + append_penalty_terms(graph, problem), objective, problem.dtype,
+               prefix="onnxfit.objective.")
 
 
 _ADD_TEXT = """
@@ -308,10 +324,7 @@ class BatchBuffers:
         )
         self._weight_column = self.sample_weight.reshape(self.size)  # a view
         self.uniform_weights = True
-        # One-hot labels given as column indices are built from these rows.
-        width = int(np.prod(problem.label_shape))
-        self._one_hot_rows = np.eye(width, dtype=problem.dtype).reshape(
-            (width,) + tuple(problem.label_shape))
+        self._one_hot_rows = None  # made when labels come as column indices
         self._label_index = None
 
     def gather(self, X, label, sample_weight, indices):
@@ -328,6 +341,10 @@ class BatchBuffers:
         if label.dtype.kind in "iu":  # column indices of one-hot labels
             if self._label_index is None or self._label_index.dtype != label.dtype:
                 self._label_index = np.empty(self.size, dtype=label.dtype)
+                shape = tuple(self.problem.label_shape)
+                width = int(np.prod(shape))
+                self._one_hot_rows = np.eye(width, dtype=self.problem.dtype).reshape(
+                    (width,) + shape)
             label.take(indices, axis=0, out=self._label_index, mode="clip")
             self._one_hot_rows.take(self._label_index, axis=0, out=self.label, mode="clip")
         else:
@@ -478,9 +495,10 @@ class BaseEngine:
                 gather(X, label, sample_weight, order[start:start + size])
                 rate[()] = rates[step]
                 step_fn(buffers, parity)
-                parity ^= 1
+                # Kept current at every step: an interrupted epoch still
+                # hands back the last weights written.
+                self._parity = parity = parity ^ 1
                 span_total += float(loss)
-            self._parity = parity
             total += span_total * size
         return total / n
 

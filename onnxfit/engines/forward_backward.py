@@ -7,13 +7,15 @@ backward passes being the two halves of one gradient graph
 
 1. model forward: ``X, weights -> prediction`` (onnxruntime-training's
    ``TrainingAgent``);
-2. loss graph: ``prediction, label, sample_weight -> loss, dL/dprediction``,
-   the loss object's piece differentiated with respect to the prediction;
+2. loss graph: ``prediction, label, sample_weight -> loss, dL/dprediction``
+   (:func:`onnxfit.losses.loss_gradient_model`: the loss's closed-form
+   derivative, or its automatic one);
 3. model backward: ``dL/dprediction -> dL/dweights``;
 4. penalty graph (when weights are penalized): ``loss, weights, model
    gradients -> objective, gradients``, the penalty object's piece
    differentiated with respect to the weights, plus the model gradient;
-5. update graph: the learning-rate object's update rule, once per weight.
+5. update graph: the learning-rate object's update rule, applied once to all
+   weights laid end to end.
 
 The loss, penalty and update pieces are the very ones the fused engine
 appends to its single graph (:mod:`onnxfit.engines.fused`): one definition
@@ -91,11 +93,12 @@ def build_loss_model(problem):
         scalar ``DATA_LOSS`` and ``gradient_name(PREDICTION)``.
     """
     graph = _empty_graph("onnxfit_loss")
-    append_loss(graph, problem, PREDICTION, DATA_LOSS, gradient_name(PREDICTION))
+    loss_model = append_loss(graph, problem, PREDICTION, DATA_LOSS, gradient_name(PREDICTION))
     shape = ["N"] + list(problem.label_shape)
     elem = onnx_elem_type(problem.dtype)
     set_outputs(graph, [(DATA_LOSS, elem, []), (gradient_name(PREDICTION), elem, shape)])
-    return piece_model(graph)
+    # An automatic derivative may use com.microsoft operators.
+    return piece_model(graph, other_opsets=loss_model.opset_import)
 
 
 def build_penalty_model(problem):

@@ -15,7 +15,8 @@ three parts:
    differentiated through the graph: a closed form takes a handful of
    kernels where the automatic derivative of a loss takes dozens, which is
    most of a step of a small model;
-3. one copy of the learning-rate object's update rule per weight.
+3. the learning-rate object's update rule, applied once to all weights laid
+   end to end (:func:`onnxfit.engines.base.append_updates`).
 
 Weights and update-rule state live in two sets of flat numpy vectors bound
 to the session (IO binding shares their memory; the model reads each weight
@@ -31,6 +32,7 @@ import onnx
 from ..gradient import build_gradient_model, gradient_name, make_session, read_output_gradient
 from ..onnx_graphs import (
     append_piece,
+    merge_opset_imports,
     numpy_dtype,
     onnx_elem_type,
     parse_piece,
@@ -67,8 +69,10 @@ inner_product ({T}[] a, {T}[] b) => ({T} inner) {{
 def build_fused_model(problem):
     """The whole training step as one graph.
 
-    Inputs: X, label, sample_weight, learning_rate, weights, state tensors.
-    Outputs: loss, then ``<weight>.new`` and ``<weight>.<state>.new``.
+    Inputs: X, label, sample_weight, the weights, then the learning rate and
+    the flat weight and state vectors of the update rule.  Outputs: the loss
+    (penalties included), then the new flat weight and state vectors
+    (``new_name(FLAT_WEIGHTS)``, ``new_name(flat_state_name(s))``).
     """
     dtype = problem.dtype
     elem = onnx_elem_type(dtype)
@@ -81,15 +85,19 @@ def build_fused_model(problem):
     )
     set_input_shape(graph, OUTPUT_GRADIENT, dtype, ["N"] + list(problem.label_shape))
     penalties = append_penalty_terms(graph, problem)
-    append_sum(graph, ["onnxfit.inner"] + penalties, SURROGATE, dtype)
+    append_sum(graph, ["onnxfit.inner"] + penalties, SURROGATE, dtype, prefix="onnxfit.surrogate.")
     set_outputs(graph, [(SURROGATE, elem, [])])
 
     model = build_gradient_model(surrogate, SURROGATE, problem.weight_names)
     graph = model.graph
     read_output_gradient(model, problem.output_name, OUTPUT_GRADIENT)
     graph.input.remove(next(i for i in graph.input if i.name == OUTPUT_GRADIENT))
-    append_loss(graph, problem, problem.output_name, DATA_LOSS, OUTPUT_GRADIENT)
-    append_sum(graph, [DATA_LOSS] + penalties, LOSS, dtype)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    loss_model = append_loss(
+        graph, problem, problem.output_name, DATA_LOSS, OUTPUT_GRADIENT, opset=opset
+    )
+    merge_opset_imports(model, loss_model)
+    append_sum(graph, [DATA_LOSS] + penalties, LOSS, dtype, prefix="onnxfit.objective.")
     gradients = {weight: gradient_name(weight) for weight in problem.weight_names}
     updates = append_updates(graph, problem, gradients)
     set_outputs(graph, [(LOSS, elem, [])])
