@@ -40,7 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.utils import Extractor
 
-from .onnx_graphs import numpy_dtype
+from .onnx_graphs import numpy_dtype, tensor_elem_type, value_types
 
 _ML_DOMAIN = "ai.onnx.ml"
 _AFFINE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
@@ -84,7 +84,7 @@ def rewrite_linear_classifiers(model):
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    types = _value_types(result)
+    types = value_types(result)
     nodes = list(graph.node)
     del graph.node[:]
     used = _all_names(result)
@@ -197,7 +197,7 @@ def infer_value_types(model):
     except Exception:  # inference is a convenience: without it, fewer
         return model   # intermediate values can be named or recognised
     graph = model.graph
-    typed = set(_value_types(model))
+    typed = set(value_types(model))
     untyped = set()
     for node in graph.node:
         if node.domain != _ML_DOMAIN:
@@ -272,13 +272,13 @@ def analyse_classifier_graph(model, input_name, output_name=None):
     """
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output if o}
-    types = _value_types(model)
+    types = value_types(model)
     outputs = {o.name: o for o in graph.output}
     zipmaps = [n for n in graph.node if n.op_type == "ZipMap" and n.domain == _ML_DOMAIN]
     label_output = next(
-        (o.name for o in graph.output if _tensor_type(o) in _LABEL_TYPES), None
+        (o.name for o in graph.output if tensor_elem_type(o) in _LABEL_TYPES), None
     )
-    float_outputs = [o.name for o in graph.output if numpy_dtype(_tensor_type(o)) is not None]
+    float_outputs = [o.name for o in graph.output if numpy_dtype(tensor_elem_type(o)) is not None]
 
     if output_name is None:
         if zipmaps:
@@ -346,25 +346,6 @@ def analyse_classifier_graph(model, input_name, output_name=None):
             default_weights=default,
         )
     return ClassifierGraph(trained_output=probabilities, link="identity")
-
-
-def _value_types(model):
-    """Element type of every tensor value (inputs, outputs, value_info,
-    initializers)."""
-    graph = model.graph
-    types = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value.type.HasField("tensor_type"):
-            types[value.name] = value.type.tensor_type.elem_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
-def _tensor_type(value_info):
-    if not value_info.type.HasField("tensor_type"):
-        return None
-    return value_info.type.tensor_type.elem_type
 
 
 def _all_names(model):

@@ -27,6 +27,7 @@ from .onnx_graphs import (
     OPSET,
     numpy_dtype,
     onnx_elem_type,
+    tensor_elem_type,
 )
 
 
@@ -152,12 +153,6 @@ def linear_model(n_features, n_outputs, dtype):
     return model
 
 
-def _tensor_elem_type(value_info):
-    if not value_info.type.HasField("tensor_type"):
-        return None
-    return value_info.type.tensor_type.elem_type
-
-
 class OnnxModel:
     """A user's ONNX graph prepared for training.
 
@@ -194,7 +189,7 @@ class OnnxModel:
                 f"this graph has {len(inputs)}: {[i.name for i in inputs]}."
             )
         self.input_name = inputs[0].name
-        self.input_dtype = numpy_dtype(_tensor_elem_type(inputs[0]))
+        self.input_dtype = numpy_dtype(tensor_elem_type(inputs[0]))
         if self.input_dtype is None:
             raise ValueError(
                 f"The graph input {self.input_name!r} must be a float or double "
@@ -202,7 +197,7 @@ class OnnxModel:
             )
         self.output_name = self._select_output(output_name)
         self._forward = self._extract(self.output_name)
-        elem = _tensor_elem_type(
+        elem = tensor_elem_type(
             next(o for o in self._forward.graph.output if o.name == self.output_name)
         )
         self.dtype = numpy_dtype(elem)
@@ -213,7 +208,7 @@ class OnnxModel:
         """Names of the graph outputs that are float/double tensors."""
         return [
             o.name for o in self.model.graph.output
-            if numpy_dtype(_tensor_elem_type(o)) is not None
+            if numpy_dtype(tensor_elem_type(o)) is not None
         ]
 
     def _select_output(self, output_name):
@@ -250,7 +245,7 @@ class OnnxModel:
                 f"Cannot extract the part of the graph computing {output_name!r}: {exc}"
             ) from exc
         out = next(o for o in forward.graph.output if o.name == output_name)
-        if numpy_dtype(_tensor_elem_type(out)) is None:
+        if numpy_dtype(tensor_elem_type(out)) is None:
             raise ValueError(
                 f"Output {output_name!r} is not a float or double tensor and "
                 "cannot be trained; float tensor outputs are "

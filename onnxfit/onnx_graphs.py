@@ -42,6 +42,28 @@ def numpy_dtype(elem_type):
     return _ONNX_TO_NUMPY.get(elem_type)
 
 
+def tensor_elem_type(value_info):
+    """Element type of a ValueInfoProto, or None when it is not a tensor."""
+    if not value_info.type.HasField("tensor_type"):
+        return None
+    return value_info.type.tensor_type.elem_type
+
+
+def value_types(model):
+    """Element type of every tensor value ``model`` declares: inputs,
+    outputs, value_info (after shape inference, intermediate values) and
+    initializers."""
+    graph = model.graph
+    types = {}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        elem = tensor_elem_type(value)
+        if elem:
+            types[value.name] = elem
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
 def parse_piece(text, dtype, **constants):
     """Parse one piece of math written in ``onnx.parser`` graph syntax.
 
@@ -264,13 +286,9 @@ def fold_cast_like(model):
     """
     graph = model.graph
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
+        types = value_types(onnx.shape_inference.infer_shapes(model))
     except Exception:  # inference is an optimisation here, never a requirement
         return model
-    types = {i.name: i.data_type for i in graph.initializer}
-    for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
     producers = {o: node for node in graph.node for o in node.output}
     folded = set()
     for k, node in enumerate(graph.node):
