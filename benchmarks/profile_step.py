@@ -6,8 +6,8 @@ into its parts, each timed alone in a tight loop (median of 5 loops):
 * ``run``     -- ``session.run_with_iobinding`` of the training graph (forward,
   loss, gradients and update: the onnxruntime part);
 * ``gather``  -- ``np.take`` of a shuffled batch into the bound buffers;
-* ``validate``-- scikit-learn's ``validate_data`` of X and y, which
-  ``partial_fit`` runs on every call;
+* ``prepare`` -- what ``partial_fit`` does before the epoch on every call:
+  validating X, y (scikit-learn's checks) and encoding the labels;
 * ``permute`` -- the epoch's permutation;
 * ``rest``    -- what remains (the Python loop, per-epoch label/weight
   preparation).
@@ -43,8 +43,6 @@ def _loop_us(fn, reps, loops=5):
 
 
 def breakdown(key, n_samples=100_000):
-    from sklearn.utils.validation import validate_data
-
     from .contestants import OnnxfitContestant
     from .workloads import make_workload
 
@@ -75,9 +73,9 @@ def breakdown(key, n_samples=100_000):
     parts = {
         "run": _loop_us(lambda: engine.session.run_with_iobinding(binding), 1000) * steps,
         "gather": _loop_us(gather, 1000) * steps,
-        "validate": _loop_us(lambda: validate_data(
-            est, X, wl.y, reset=False, dtype=[np.float64, np.float32], multi_output=True,
-            y_numeric=wl.task == "regression"), 20),
+        "prepare": _loop_us(lambda: est._prepare_training(
+            X, wl.y, None, reset=False, keep_weights=False, first_call=False,
+            classes=getattr(wl, "classes", None)), 20),
         "permute": _loop_us(lambda: np.random.RandomState(0).permutation(n), 20),
     }
     epoch = _loop_us(c.epoch, 3)
