@@ -271,7 +271,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             # Only ratios matter: with a fixed learning rate, weights such as
             # {0: 1000, 1: 1e-4} would otherwise multiply the steps by 1000.
             weights = weights / weights.mean()
-        return sample_weight * weights[self._class_index(y)]
+        per_sample = weights[self._class_index(y)]
+        return per_sample if sample_weight is None else sample_weight * per_sample
 
     def _validation_split(self, n_samples, y, rng):
         from sklearn.model_selection import StratifiedShuffleSplit

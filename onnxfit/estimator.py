@@ -202,17 +202,19 @@ class BaseOnnxSGD(BaseEstimator):
                 y_numeric=self._y_numeric,
             )
             uniform = sample_weight is None
-            if not (uniform and getattr(self, "class_weight", None) is None):
+            if sample_weight is not None:
                 sample_weight = _check_sample_weight(
                     sample_weight, X, dtype=np.float64, ensure_non_negative=True
                 )
         assert_finite(X, "X", self)
         assert_finite(y, "y", self)
-        labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
         if sample_weight is not None:
-            # Uniform weights stay None: no array of ones is made or gathered.
             assert_finite(sample_weight, "sample_weight", self)
-            sample_weight = self._weight_samples(y, sample_weight)
+        labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
+        # Uniform weights stay None (no array of ones is made or gathered)
+        # unless the hook weights the samples, as class weights do.
+        sample_weight = self._weight_samples(y, sample_weight)
+        if sample_weight is not None:
             uniform = uniform and bool(np.all(sample_weight == 1))
         if reset or first_call:
             self._start(X, labels, keep_weights=keep_weights and not first_call)
@@ -340,7 +342,8 @@ class BaseOnnxSGD(BaseEstimator):
         return min(self.batch_size, n_samples)
 
     def _weight_samples(self, y, sample_weight):
-        """Hook for class weights; regression uses sample_weight as is."""
+        """Hook for class weights: ``sample_weight`` (None for uniform
+        weights) times any per-sample factor; regression uses it as is."""
         return sample_weight
 
     def _encode_labels(self, labels):
