@@ -89,7 +89,7 @@ def breakdown(key, n_samples=100_000):
 def ort_profile(info, runs=2000):
     import onnxruntime
 
-    from onnxfit.gradient import session_options
+    from onnxfit.sessions import session_options
 
     wl, engine = info["workload_obj"], info["engine"]
     opts = session_options(1)

@@ -1,7 +1,8 @@
 """onnxfit: train ONNX graphs inside scikit-learn.
 
-Gradients come from onnxruntime-training, computed from the graph itself;
-updates come from pluggable learning-rate objects.
+onnxfit differentiates the graph itself (a table of vector-Jacobian rules
+that write standard ONNX, run by any onnxruntime build); updates come from
+pluggable learning-rate objects.
 """
 
 from .function import OnnxFunction

@@ -24,7 +24,7 @@ from .model import OnnxModel, linear_model
 class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     """Train an ONNX graph as a classifier with mini-batch SGD.
 
-    Gradients come from the graph itself (onnxruntime-training); the update
+    Gradients come from the graph itself (onnxfit differentiates it); the update
     comes from a learning-rate object.  ``OnnxSGDClassifier()`` alone trains
     a linear model -- one logit for two classes, one logit per class
     otherwise -- like ``SGDClassifier(loss='log_loss')``.
@@ -114,6 +114,11 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     engine : {'fused', 'forward_backward'}, default='fused'
     n_threads : int, default=1
         onnxruntime intra-op threads.
+    gradient_backend : {'onnxfit', 'onnxruntime-training'}, default='onnxfit'
+        What differentiates the graph: onnxfit's own rules (any onnxruntime
+        build, any Python from 3.10), or the gradient builder of
+        onnxruntime-training-cpu 1.19.2 when that build is installed (see
+        :mod:`onnxfit.gradient`).
 
     Attributes
     ----------
@@ -161,29 +166,18 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
-        engine="fused", n_threads=1,
+        engine="fused", n_threads=1, gradient_backend="onnxfit",
     ):
-        self.onnx_model = onnx_model
-        self.weights_to_train = weights_to_train
-        self.output_name = output_name
-        self.learning_rate = learning_rate
-        self.loss = loss
-        self.penalty = penalty
-        self.alpha = alpha
-        self.l1_ratio = l1_ratio
-        self.batch_size = batch_size
-        self.max_iter = max_iter
-        self.tol = tol
-        self.n_iter_no_change = n_iter_no_change
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
+        super().__init__(
+            onnx_model, weights_to_train=weights_to_train, output_name=output_name,
+            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
+            n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
+            early_stopping=early_stopping, validation_fraction=validation_fraction,
+            warm_start=warm_start, verbose=verbose, engine=engine, n_threads=n_threads,
+            gradient_backend=gradient_backend,
+        )
         self.class_weight = class_weight
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.engine = engine
-        self.n_threads = n_threads
 
     # -- training -------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)

@@ -450,7 +450,7 @@ def _identify_link(model, scores, probabilities, types):
         width = shape.dim[-1].dim_value if len(shape.dim) == 2 else 0
         if width <= 0:
             return None
-        from .gradient import make_session
+        from .sessions import make_session
 
         rng = np.random.default_rng(0)
         s = (3.0 * rng.standard_normal((16, width))).astype(dtype)

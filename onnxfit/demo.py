@@ -10,14 +10,13 @@ import warnings
 
 import numpy as np
 
-#: Opsets onnxruntime-training 1.19.2 runs (see onnxfit.onnx_graphs).
-TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+from .onnx_graphs import CONVERTER_OPSETS
 
 
 def _convert(model, X):
     from skl2onnx import to_onnx
 
-    return to_onnx(model, X[:1].astype(np.float32), target_opset=TARGET_OPSET)
+    return to_onnx(model, X[:1].astype(np.float32), target_opset=CONVERTER_OPSETS)
 
 
 def _exported_predictions(onnx_model, X):

@@ -22,12 +22,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .engines import ENGINES, TrainingProblem, make_engine
-from .gradient import make_session
+from .gradient import BACKENDS, check_backend
 from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
 from .losses import BaseLoss
 from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import onnx_elem_type
 from .penalties import ElasticNetPenalty, make_penalty
+from .sessions import make_session
 
 
 class _Runtime:
@@ -106,7 +107,41 @@ class BaseOnnxSGD(BaseEstimator):
         "verbose": ["verbose"],
         "engine": [StrOptions(set(ENGINES))],
         "n_threads": [Interval(Integral, 1, None, closed="left")],
+        "gradient_backend": [StrOptions(set(BACKENDS))],
     }
+
+    def __init__(
+        self, onnx_model=None, *, weights_to_train=None, output_name=None,
+        learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
+        l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
+        n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
+        validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
+        n_threads=1, gradient_backend="onnxfit",
+    ):
+        # The parameters both estimators share, assigned in one place (as
+        # scikit-learn's BaseSGD); each estimator's __init__ lists them again
+        # with its own defaults, as get_params reads that signature.
+        self.onnx_model = onnx_model
+        self.weights_to_train = weights_to_train
+        self.output_name = output_name
+        self.learning_rate = learning_rate
+        self.loss = loss
+        self.penalty = penalty
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.engine = engine
+        self.n_threads = n_threads
+        self.gradient_backend = gradient_backend
 
     # -- hooks for the subclasses -----------------------------------------
     #: Whether ``validate_data`` must check that y is numeric.
@@ -163,13 +198,15 @@ class BaseOnnxSGD(BaseEstimator):
         use_early_stopping=False, classes=None,
     ):
         first_call = not hasattr(self, "weights_")
-        # Everything up to the first update only validates and prepares: if
-        # it fails, the estimator keeps the previous fit, untouched.
+        # Everything up to the first update only validates and prepares
+        # (building the training graphs refuses what cannot be differentiated):
+        # if it fails, the estimator keeps the previous fit, untouched.
         previous = dict(self.__dict__)
         try:
             prepared = self._prepare_training(
                 X, y, sample_weight, reset, keep_weights, first_call, classes
             )
+            self._engine()
         except Exception:
             self.__dict__.clear()
             self.__dict__.update(previous)
@@ -193,6 +230,7 @@ class BaseOnnxSGD(BaseEstimator):
         """
         if keep_weights and not first_call:
             self._check_same_model()
+        check_backend(self.gradient_backend)
         # scikit-learn's finiteness checks, with a faster first pass (see
         # assert_finite); everything else is validated as usual.
         with config_context(assume_finite=True):
@@ -471,6 +509,7 @@ class BaseOnnxSGD(BaseEstimator):
             penalty=make_penalty(self.penalty, self.alpha, self.l1_ratio),
             learning_rate=make_learning_rate(self.learning_rate),
             n_threads=self.n_threads,
+            gradient_backend=self.gradient_backend,
         )
 
     def _engine(self):
@@ -479,6 +518,7 @@ class BaseOnnxSGD(BaseEstimator):
             self.engine, _params_key(self._make_loss()),
             _params_key(make_penalty(self.penalty, self.alpha, self.l1_ratio)),
             _params_key(make_learning_rate(self.learning_rate)), self.n_threads,
+            self.gradient_backend,
         )
         if runtime.engine is None or runtime.engine_key != key:
             problem = self._problem()

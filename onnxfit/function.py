@@ -4,9 +4,9 @@
 backward pass of that same run: given dL/dY it returns dL/d(weights) (and
 dL/dX).  The loss, the update rule and the loop stay in the caller's hands,
 so the function can sit inside a hand-written training loop or inside
-another framework's automatic differentiation.  It is built on
-onnxruntime-training's ``OrtModuleGraphBuilder`` and ``TrainingAgent``
-(see :mod:`onnxfit.gradient`); the forward-backward training engine
+another framework's automatic differentiation.  It runs the two halves of
+the graph's gradient (:func:`onnxfit.gradient.split_gradient_graph`) as
+two plain onnxruntime sessions; the forward-backward training engine
 (:mod:`onnxfit.engines.forward_backward`) runs the same objects.
 
 Building a model's gradient graph and its session takes milliseconds to
@@ -41,36 +41,56 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import onnx
 
 from .gradient import (
-    TrainingAgentRunner,
-    as_ortvalue,
-    build_module_gradient,
-    is_ortvalue,
-    new_ortvalue_vector,
-    ortvalue_dtype,
-    ortvalue_vector,
-    public_ortvalue,
+    DEFAULT_BACKEND,
+    ForwardBackwardRunner,
+    build_vjp,
+    check_backend,
+    split_gradient_graph,
 )
 from .model import OnnxModel, load_onnx, normalise_model
+from .sessions import as_ortvalue, is_ortvalue, ortvalue_dtype
 
 __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
+
+
+def build_model_runner(forward_model, weight_names, input_names_with_gradient=(), n_threads=1,
+                       backend=DEFAULT_BACKEND):
+    """The forward and backward sessions of ``forward_model``'s gradient.
+
+    Every output of ``forward_model`` is seeded by its own cotangent input.
+
+    Returns
+    -------
+    onnxfit.gradient.ForwardBackwardRunner
+    """
+    outputs = [o for o in forward_model.graph.output]
+    seeds = {o.name: f"onnxfit.cotangent.{o.name}" for o in outputs}
+    wrt = list(weight_names) + list(input_names_with_gradient)
+    gradient = build_vjp(forward_model, seeds, wrt, backend=backend)
+    split = split_gradient_graph(gradient)
+    weights = [i for i in forward_model.graph.input if i.name in set(weight_names)]
+    elem = weights[0].type.tensor_type.elem_type if weights else onnx.TensorProto.FLOAT
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    return ForwardBackwardRunner(split, n_threads, dtype)
 
 
 class ModelGradientCache:
     """A bounded process-wide cache of built model gradients.
 
-    An entry is a :class:`onnxfit.gradient.TrainingAgentRunner`: a model's
-    forward/backward gradient graph with its onnxruntime session and
-    training agent.  Runners hold no per-call state, so one entry serves
-    any number of :class:`OnnxFunction` objects and training engines at
-    once.
+    An entry is a :class:`onnxfit.gradient.ForwardBackwardRunner`: a model's
+    forward and backward graphs with their onnxruntime sessions.  Runners
+    hold no per-call state, so one entry serves any number of
+    :class:`OnnxFunction` objects and training engines at once.
 
     The key is the serialized forward model (which fixes the element type),
     the weights differentiated (and their order), the inputs whose gradient
-    is returned and the number of threads.  The least recently used entry
-    is dropped beyond ``maxsize`` entries.  The cache lives in one process:
-    ``GridSearchCV`` with process-based ``n_jobs`` fills one per worker.
+    is returned, the number of threads and the gradient backend.  The least
+    recently used entry is dropped beyond ``maxsize`` entries.  The cache
+    lives in one process: ``GridSearchCV`` with process-based ``n_jobs``
+    fills one per worker.
 
     Parameters
     ----------
@@ -91,35 +111,37 @@ class ModelGradientCache:
         self._entries = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=1):
+    def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=1,
+            backend=DEFAULT_BACKEND):
         """The runner of ``forward_model``'s gradient, built on first use.
 
         Parameters
         ----------
         forward_model : onnx.ModelProto
-            Graph whose weights are initializers or graph inputs of static
-            shape (as :meth:`onnxfit.model.OnnxModel.forward_model` gives).
+            Graph whose weights are graph inputs of static shape (as
+            :meth:`onnxfit.model.OnnxModel.forward_model` gives).
         weight_names : list of str
             Weights to differentiate, in call order.
         input_names_with_gradient : sequence of str, default=()
         n_threads : int, default=1
+        backend : str, default='onnxfit'
+            Gradient backend (see :mod:`onnxfit.gradient`).
 
         Returns
         -------
-        onnxfit.gradient.TrainingAgentRunner
+        onnxfit.gradient.ForwardBackwardRunner
         """
         digest = hashlib.sha256(forward_model.SerializeToString()).hexdigest()
-        key = (digest, tuple(weight_names), tuple(input_names_with_gradient), int(n_threads))
+        key = (digest, tuple(weight_names), tuple(input_names_with_gradient),
+               None if n_threads is None else int(n_threads), backend)
         with self._lock:
             runner = self._entries.get(key)
             if runner is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return runner
-            graph = build_module_gradient(
-                forward_model, list(weight_names), list(input_names_with_gradient)
-            )
-            runner = TrainingAgentRunner(graph, n_threads)
+            runner = build_model_runner(forward_model, weight_names, input_names_with_gradient,
+                                        n_threads, backend)
             self.builds += 1
             self._entries[key] = runner
             while len(self._entries) > self.maxsize:
@@ -144,8 +166,9 @@ class ForwardContext:
 
     Returned by ``OnnxFunction.forward(..., return_context=True)`` and
     consumed by :meth:`OnnxFunction.backward`.  It keeps the inputs and
-    weights of the forward run alive: onnxruntime reads them again during
-    the backward pass, so they must not be modified in between.
+    weights of the forward run, and the values the backward pass reads
+    (activations, masks), alive: the backward pass reads the inputs again,
+    so they must not be modified in between.
 
     Attributes
     ----------
@@ -155,9 +178,9 @@ class ForwardContext:
         run only once).
     """
 
-    def __init__(self, state, inputs, kept, output_shape, weights_as_dict):
-        self._state = state
+    def __init__(self, inputs, forward_values, kept, output_shape, weights_as_dict):
         self._inputs = inputs
+        self._forward_values = forward_values
         self._kept = kept
         self.output_shape = output_shape
         self._weights_as_dict = weights_as_dict
@@ -165,7 +188,7 @@ class ForwardContext:
 
     def _release(self):
         self.consumed = True
-        self._state = self._inputs = self._kept = None
+        self._inputs = self._forward_values = self._kept = None
 
 
 class OnnxFunction:
@@ -175,14 +198,13 @@ class OnnxFunction:
     :meth:`backward` turns dL/dY into dL/d(weights), and dL/dX on request.
     Arrays and OrtValues are both accepted: results are OrtValues when the
     main argument (``X``, ``output_gradient``) is one, numpy arrays
-    otherwise.  Numpy results share onnxruntime's memory (no copy) and stay
-    valid after later calls.
+    otherwise.  Numpy results stay valid after later calls.
 
     Parameters
     ----------
     onnx_model : onnx.ModelProto, bytes or path-like
-        Graph with one input; it is copied and brought within what
-        onnxruntime-training 1.19.2 runs (IR <= 10, opset <= 21).
+        Graph with one input; it is copied and brought within what the
+        installed onnxruntime runs.
     weights_to_train : list of str, default=None
         Initializers to differentiate with respect to; None means every
         floating-point initializer the output depends on.  Others stay
@@ -195,6 +217,8 @@ class OnnxFunction:
         :meth:`backward`).
     n_threads : int, default=1
         onnxruntime intra-op threads.
+    gradient_backend : {'onnxfit', 'onnxruntime-training'}, default='onnxfit'
+        What builds the gradient graph (see :mod:`onnxfit.gradient`).
 
     Attributes
     ----------
@@ -236,8 +260,9 @@ class OnnxFunction:
 
     def __init__(
         self, onnx_model, weights_to_train=None, output_name=None, input_gradient=False,
-        n_threads=1,
+        n_threads=1, gradient_backend=DEFAULT_BACKEND,
     ):
+        check_backend(gradient_backend)
         model = normalise_model(load_onnx(onnx_model))
         self._model = OnnxModel(model, weights_to_train, output_name)
         self.input_name = self._model.input_name
@@ -247,6 +272,7 @@ class OnnxFunction:
         self.input_dtype = np.dtype(self._model.input_dtype)
         self.input_gradient = bool(input_gradient)
         self.n_threads = int(n_threads)
+        self.gradient_backend = gradient_backend
         forward_model = self._model.forward_model()
         graph_inputs = {v.name: v for v in forward_model.graph.input}
         self.weight_shapes = {
@@ -262,15 +288,7 @@ class OnnxFunction:
             self.weight_names,
             [self.input_name] if self.input_gradient else (),
             self.n_threads,
-        )
-        graph = self._runner.graph
-        backward_index = {name: k for k, name in enumerate(graph.backward_output_names)}
-        self._weight_gradient_index = [
-            backward_index[name] for name in graph.weight_gradient_names
-        ]
-        self._input_gradient_index = (
-            backward_index[graph.input_gradient_names[self.input_name]]
-            if self.input_gradient else None
+            gradient_backend,
         )
         self._context = None
 
@@ -280,7 +298,7 @@ class OnnxFunction:
         return self._model.initial_weights()
 
     def _tensor(self, value, what, dtype, shape):
-        """Validate ``value``; return (low-level OrtValue, object to keep alive)."""
+        """Validate ``value``; return (OrtValue, object to keep alive)."""
         if is_ortvalue(value):
             got_dtype = ortvalue_dtype(value)
             got_shape = tuple(value.shape())
@@ -347,24 +365,21 @@ class OnnxFunction:
         """
         x_value, x_kept = self._tensor(X, "X", self.input_dtype, self._input_shape)
         weight_list, as_dict = self._weight_list(weights)
-        values, kept = [x_value], [x_kept]
+        inputs, kept = {self.input_name: x_value}, [x_kept]
         for name, weight in zip(self.weight_names, weight_list):
             value, keep = self._tensor(
                 weight, f"weight {name!r}", self.dtype, self.weight_shapes[name]
             )
-            values.append(value)
+            inputs[name] = value
             kept.append(keep)
-        inputs = ortvalue_vector(values)
-        outputs = new_ortvalue_vector()
-        state = self._runner.new_state()
-        self._runner.run_forward(inputs, outputs, state)
-        output = outputs[0]
+        values = self._runner.forward(inputs)
+        output = values[self.output_name]
         context = None
         if keep_for_backward or return_context:
-            context = ForwardContext(state, inputs, kept, tuple(output.shape()), as_dict)
+            context = ForwardContext(inputs, values, kept, tuple(output.shape()), as_dict)
         if not return_context and keep_for_backward:
             self._context = context
-        result = public_ortvalue(output) if is_ortvalue(X) else output.numpy()
+        result = output if is_ortvalue(X) else output.numpy()
         return (result, context) if return_context else result
 
     def backward(self, output_gradient, return_input_gradient=False, context=None):
@@ -406,21 +421,21 @@ class OnnxFunction:
         )
         if kept_context:
             self._context = None
-        gradients = new_ortvalue_vector()
-        self._runner.run_backward(ortvalue_vector([dy_value]), gradients, context._state)
+        gradients = self._runner.backward(
+            context._inputs, context._forward_values, {self.output_name: dy_value})
         context._release()
         del dy_kept
         if is_ortvalue(output_gradient):
-            def convert(k):
-                return public_ortvalue(gradients[k])
+            def convert(name):
+                return gradients[name]
         else:
-            def convert(k):
-                return gradients[k].numpy()
-        grads = [convert(k) for k in self._weight_gradient_index]
+            def convert(name):
+                return gradients[name].numpy()
+        grads = [convert(name) for name in self.weight_names]
         if context._weights_as_dict:
             grads = dict(zip(self.weight_names, grads))
         if return_input_gradient:
-            return grads, convert(self._input_gradient_index)
+            return grads, convert(self.input_name)
         return grads
 
     __call__ = forward
@@ -433,6 +448,7 @@ class OnnxFunction:
             "output_name": self.output_name,
             "input_gradient": self.input_gradient,
             "n_threads": self.n_threads,
+            "gradient_backend": self.gradient_backend,
         }
 
     def __setstate__(self, state):

@@ -18,7 +18,7 @@ derivative :math:`\\partial \\ell / \\partial p` (:meth:`BaseLoss.derivative_bod
 the built-in ones do, since a closed form takes a handful of kernels where
 an automatic derivative takes dozens, and each is tested against the
 automatic derivative of its own value.  A loss without one is differentiated
-by onnxruntime-training (:func:`loss_gradient_model`).
+through the gradient seam (:func:`loss_gradient_model`).
 
 Writing a custom loss
 ---------------------
@@ -33,14 +33,21 @@ implement :meth:`BaseLoss.elementwise_body`, a list of ONNX nodes computing
                 elementwise = ...
             '''
 
-Its derivative is then computed by onnxruntime-training; writing
-:meth:`BaseLoss.derivative_body` as well makes training faster.
+Its derivative is then computed by :func:`onnxfit.gradient.build_vjp`;
+writing :meth:`BaseLoss.derivative_body` as well makes training faster.
 """
 
 from onnx import helper
 from sklearn.base import BaseEstimator
 
-from .onnx_graphs import OPSET, onnx_elem_type, parse_piece, piece_model, set_outputs
+from .onnx_graphs import (
+    OPSET,
+    onnx_elem_type,
+    parse_piece,
+    piece_model,
+    rename_value,
+    set_outputs,
+)
 
 #: Bound on the derivative of the squared terms, as scikit-learn's SGD
 #: (``MAX_DLOSS``): a diverging fit (unscaled data, too large a rate) stays
@@ -96,8 +103,8 @@ class BaseLoss(BaseEstimator):
         ``elementwise`` with respect to ``prediction``, or None.
 
         The nodes follow :meth:`elementwise_body` and may read any value it
-        defines.  None (the default) lets onnxruntime-training differentiate
-        :meth:`piece` instead.
+        defines.  None (the default) differentiates :meth:`piece` instead
+        (:func:`onnxfit.gradient.build_vjp`).
         """
         return None
 
@@ -149,11 +156,12 @@ class BaseLoss(BaseEstimator):
         return self._parse(text, dtype)
 
 
-def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET):
+def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET,
+                        backend="onnxfit"):
     """The loss and its gradient with respect to the prediction, as a model.
 
-    Uses the loss's closed-form derivative when it has one, otherwise lets
-    onnxruntime-training differentiate its value.
+    Uses the loss's closed-form derivative when it has one, otherwise
+    differentiates its value (:func:`onnxfit.gradient.build_vjp`).
 
     Parameters
     ----------
@@ -167,7 +175,9 @@ def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET)
         derivative (the reference the closed forms are tested against).
     opset : int, default=OPSET
         Opset of the model (the fused engine appends it to the user's graph,
-        whose opset may be anything from 17 to 21).
+        whose opset may be anything from 17 to the runtime's highest).
+    backend : str, default='onnxfit'
+        Gradient backend differentiating a loss without a closed form.
 
     Returns
     -------
@@ -176,7 +186,7 @@ def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET)
         ``sample_weight`` (see the module docstring); outputs the scalar
         ``loss`` and ``prediction_grad``.
     """
-    from .gradient import build_gradient_model
+    from .gradient import build_vjp
 
     loss.check_label_shape(tuple(label_shape))
     piece = loss.gradient_piece(dtype) if closed_form else None
@@ -196,7 +206,9 @@ def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET)
     model = piece_model(piece, opset=opset)
     if closed_form:
         return model
-    model = build_gradient_model(model, "loss", ["prediction"])
+    result = build_vjp(model, {"loss": 1}, ["prediction"], backend=backend)
+    model = result.model
+    rename_value(model.graph, result.gradient_names["prediction"], "prediction_grad")
     # Report the loss in the element type of the closed forms.
     set_outputs(model.graph, outputs + [("prediction_grad", elem, shape)])
     return model
@@ -430,9 +442,9 @@ def make_loss(loss, table, **kwargs):
 # output: one column per class (one-hot), or a single column (1 for the
 # positive class) when a binary problem is scored by one logit.  Margin losses
 # map them to -1/+1 inside the graph.  Every term is written with operators
-# onnxruntime-training differentiates (Relu, Abs, Exp, Log, Min, Max,
+# both gradient backends differentiate (Relu, Abs, Exp, Log, Min, Max,
 # ArgMax/GatherElements, ReduceSum with axes as an input) and that are valid
-# from opset 13 to 21, since the fused engine appends the piece to the user's
+# from opset 13 on, since the fused engine appends the piece to the user's
 # graph at the graph's own opset.
 
 
@@ -471,7 +483,8 @@ class SoftmaxCrossEntropyLoss(BaseLoss):
 
     ``sum_j y_j (logsumexp(p) - p_j)`` with the log-sum-exp shifted by the
     row's largest score (taken with ArgMax + GatherElements: onnxruntime-
-    training has no gradient for ReduceMax), so it stays finite for any score.
+    training 1.19.2 has no gradient for ReduceMax), so it stays finite for
+    any score.
     Labels are one-hot.
     """
 

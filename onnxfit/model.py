@@ -2,7 +2,7 @@
 
 :class:`OnnxModel` takes whatever the user passed as ``onnx_model`` (a
 ``ModelProto``, serialized bytes or a path), brings it within the limits of
-onnxruntime-training 1.19.2 without touching the user's object, finds the
+the installed onnxruntime without touching the user's object, finds the
 graph input, the output to train and the weights to train, and gives the
 two views of the graph that training needs:
 
@@ -21,14 +21,8 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 from onnx.utils import Extractor
 
-from .onnx_graphs import (
-    MAX_IR_VERSION,
-    MAX_OPSET,
-    OPSET,
-    numpy_dtype,
-    onnx_elem_type,
-    tensor_elem_type,
-)
+from .onnx_graphs import OPSET, numpy_dtype, onnx_elem_type, tensor_elem_type
+from .sessions import runtime_limits
 
 
 def load_onnx(onnx_model):
@@ -63,11 +57,13 @@ def load_onnx(onnx_model):
 
 
 def normalise_model(model):
-    """Bring ``model`` (a private copy) to IR <= 10 and opset 17 to 21.
+    """Bring ``model`` (a private copy) within what onnxfit and the installed
+    onnxruntime run: opset 17 to the runtime's highest, IR up to its highest.
 
-    Opsets above 21 are converted down (onnxruntime-training 1.19.2 runs no
-    more); opsets below 17 are converted up, because the loss, penalty,
-    update and gradient-rewrite graphs onnxfit adds use opset-17 operators
+    Opsets above the runtime's highest are converted down (onnxruntime-
+    training 1.19.2 runs opset 21 at most; current builds run what current
+    onnx writes); opsets below 17 are converted up, because the loss,
+    penalty, update and gradient graphs onnxfit adds use opset-17 operators
     (``CastLike``, ``ReduceSum`` with axes as an input, ...).  skl2onnx's
     default conversions, at opset 9 to 15, need this.
 
@@ -76,10 +72,11 @@ def normalise_model(model):
     ValueError
         If onnx cannot convert the default-domain opset.
     """
+    max_ir, max_opset = runtime_limits()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     target = None
-    if opset is not None and opset > MAX_OPSET:
-        target = MAX_OPSET
+    if opset is not None and opset > max_opset:
+        target = max_opset
     elif opset is not None and opset < OPSET:
         target = OPSET
     if target is not None:
@@ -88,10 +85,11 @@ def normalise_model(model):
         except Exception as exc:
             raise ValueError(
                 f"The graph uses opset {opset}; onnxfit trains graphs at opset "
-                f"{OPSET} to {MAX_OPSET} and onnx could not convert it to {target}: {exc}"
+                f"{OPSET} to {max_opset} (the highest the installed onnxruntime runs) "
+                f"and onnx could not convert it to {target}: {exc}"
             ) from exc
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
+    if model.ir_version > max_ir:
+        model.ir_version = max_ir
     _free_batch_dimension(model)
     try:
         onnx.checker.check_model(model)
@@ -261,6 +259,8 @@ class OnnxModel:
         ]
         all_inits = {i.name: i for i in self.model.graph.initializer}
         if weights_to_train is None:
+            statistics = self.running_statistics()
+            float_inits = [n for n in float_inits if n not in statistics]
             if not float_inits:
                 ops = sorted({n.op_type for n in self._forward.graph.node})
                 raise ValueError(
@@ -301,6 +301,20 @@ class OnnxModel:
         if len(set(names)) != len(names):
             raise ValueError(f"weights_to_train has duplicates: {names}.")
         return [n for n in float_inits if n in names]
+
+    def running_statistics(self):
+        """Initializers that only serve as BatchNormalization's running mean
+        and variance: statistics, not parameters, so not trained unless
+        ``weights_to_train`` names them (PyTorch keeps them as buffers)."""
+        graph = self._forward.graph
+        as_statistic, elsewhere = set(), set()
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if node.op_type == "BatchNormalization" and k in (3, 4):
+                    as_statistic.add(name)
+                else:
+                    elsewhere.add(name)
+        return as_statistic - elsewhere
 
     # -- views -----------------------------------------------------------
     def initial_weights(self):

@@ -6,18 +6,22 @@ into ``GraphProto`` pieces here.  The engines then either *append* a piece to
 a larger graph (the fused engine) or run it as its own small session (the
 forward-backward engine); both go through the helpers of this module, so each
 piece of math is written exactly once.
+
+Gradient rules, whose nodes depend on the shapes and attributes of the node
+they differentiate, write their nodes through :class:`NodeWriter` instead:
+one call per node (``w.Mul(a, b)``), fresh names, typed constants.
 """
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, parser
 
-#: Highest IR version that onnxruntime-training 1.19.2 loads.
-MAX_IR_VERSION = 10
-#: Highest opset of the default domain that onnxruntime-training 1.19.2 runs.
-MAX_OPSET = 21
-#: Opset used for the graphs onnxfit writes itself.
+#: Opset used for the graphs onnxfit writes itself, and the lowest opset of
+#: the graphs it trains (older ones are converted up to it).
 OPSET = 17
+#: Opsets onnxfit asks skl2onnx for (demo, tests): every supported onnxruntime
+#: runs them, and onnxfit trains them without converting them.
+CONVERTER_OPSETS = {"": OPSET, "ai.onnx.ml": 3}
 
 _NUMPY_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -89,7 +93,7 @@ def parse_piece(text, dtype, **constants):
 
 
 def piece_model(graph, opset=OPSET, other_opsets=()):
-    """Wrap a piece in a ModelProto that onnxruntime-training 1.19.2 loads.
+    """Wrap a piece in a ModelProto that every supported onnxruntime loads.
 
     ``other_opsets`` are OperatorSetIdProto of other domains the piece uses
     (``com.microsoft`` in an automatic derivative, say).
@@ -98,7 +102,8 @@ def piece_model(graph, opset=OPSET, other_opsets=()):
         o for o in other_opsets if o.domain not in ("", "ai.onnx")
     ]
     model = helper.make_model(graph, opset_imports=imports)
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    # The oldest IR that carries these opsets: every supported runtime loads it.
+    model.ir_version = helper.find_min_ir_version_for(imports, ignore_unknown=True)
     # Pieces take tensors of any rank ({T}[]), which onnx.checker.check_model
     # rejects on a main graph ("Field 'shape' of 'type' is required"), while
     # onnxruntime runs them: check every node, then types with strict
@@ -185,6 +190,19 @@ def set_outputs(graph, names_and_types):
         graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))
 
 
+def rename_value(graph, old, new):
+    """Rename value ``old`` to ``new`` wherever ``graph`` defines or reads it
+    (nodes and graph outputs)."""
+    for node in graph.node:
+        for seq in (node.input, node.output):
+            for k, name in enumerate(seq):
+                if name == old:
+                    seq[k] = new
+    for value in graph.output:
+        if value.name == old:
+            value.name = new
+
+
 def scalar_input(name, dtype):
     """Value info of a scalar graph input of ``dtype``."""
     return helper.make_tensor_value_info(name, onnx_elem_type(dtype), [])
@@ -214,7 +232,7 @@ def prune_graph(graph):
     graph : onnx.GraphProto
         Modified in place.
     """
-    reads = [_node_reads(node) for node in graph.node]
+    reads = [node_reads(node) for node in graph.node]
     producer = {}
     for k, node in enumerate(graph.node):
         for name in node.output:
@@ -252,7 +270,7 @@ def prune_graph(graph):
     graph.initializer.extend(initializers)
 
 
-def _node_reads(node):
+def node_reads(node):
     """Names a node reads: its inputs and what its subgraphs read."""
     names = {i for i in node.input if i}
     for attribute in node.attribute:
@@ -261,7 +279,7 @@ def _node_reads(node):
             graphs.append(attribute.g)
         for subgraph in graphs:
             for inner in subgraph.node:
-                names |= _node_reads(inner)
+                names |= node_reads(inner)
     return names
 
 
@@ -314,9 +332,184 @@ def fold_cast_like(model):
         folded.update(source.output)
     if folded:
         # Drop the float32 constants nothing reads any more.
-        read = {i for node in graph.node for i in _node_reads(node)}
+        read = {i for node in graph.node for i in node_reads(node)}
         read.update(o.name for o in graph.output)
         kept = [n for n in graph.node if not (set(n.output) <= folded and not read & set(n.output))]
         del graph.node[:]
         graph.node.extend(kept)
     return model
+
+
+# -- Writing nodes one by one: the gradient rules' pen ------------------------------
+#: Operators whose outputs are int64 or bool whatever their inputs.
+_INT64_OUTPUT_OPS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
+_BOOL_OUTPUT_OPS = {
+    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
+    "Xor", "IsNaN", "IsInf",
+}
+#: First opset where each reduction takes its axes as an input, not an attribute.
+_AXES_AS_INPUT_SINCE = {"ReduceSum": 13}
+_AXES_AS_INPUT_SINCE_DEFAULT = 18
+
+
+class NodeWriter:
+    """Write ONNX nodes one call at a time, with fresh names and typed constants.
+
+    ``w.Mul(a, b)`` appends ``Mul(a, b)`` to :attr:`nodes` and returns the
+    name of its output; attributes are keyword arguments
+    (``w.Transpose(x, perm=[1, 0])``) and ``n_outputs=k`` returns a list of
+    ``k`` names.  The element type of every value the writer creates is
+    tracked, so constants can be typed like the values they combine with
+    (``w.constant(0.5, like=x)``) instead of being cast at run time.
+
+    Parameters
+    ----------
+    prefix : str
+        Every new node and value name starts with it.
+    opset : int
+        Default-domain opset of the graph the nodes go into: reductions take
+        their axes as an attribute or an input accordingly.
+    types : dict, optional
+        Element type (``TensorProto`` enum) of values that already exist;
+        the writer adds the values it creates.
+    taken : iterable of str, optional
+        Names already used in the graph.
+
+    Attributes
+    ----------
+    nodes : list of onnx.NodeProto
+        The nodes written, in order.
+    """
+
+    def __init__(self, prefix, opset, types=None, taken=()):
+        self.prefix = prefix
+        self.opset = int(opset)
+        self.types = dict(types or {})
+        self.nodes = []
+        self._taken = set(taken)
+        self._count = 0
+        self._constants = {}
+
+    # -- names and types -----------------------------------------------------------
+    def fresh(self, hint="v"):
+        """A new value name starting with :attr:`prefix`."""
+        while True:
+            self._count += 1
+            name = f"{self.prefix}{hint}_{self._count}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def elem_type(self, name):
+        """Element type of ``name`` (a ``TensorProto`` enum), or None if unknown."""
+        return self.types.get(name)
+
+    def _output_type(self, op_type, inputs, attributes):
+        if op_type in _INT64_OUTPUT_OPS:
+            return TensorProto.INT64
+        if op_type in _BOOL_OUTPUT_OPS:
+            return TensorProto.BOOL
+        if op_type == "Cast":
+            return attributes["to"]
+        if op_type in ("Constant", "ConstantOfShape"):
+            value = attributes.get("value")
+            return value.data_type if value is not None else TensorProto.FLOAT
+        if op_type == "CastLike":
+            return self.types.get(inputs[1])
+        if op_type == "Where":
+            return self.types.get(inputs[1])
+        return next((self.types[i] for i in inputs if i in self.types), None)
+
+    # -- nodes -------------------------------------------------------------------------
+    def op(self, op_type, *inputs, n_outputs=1, outputs=None, domain="", **attributes):
+        """Append a node; return its output name (or list of names).
+
+        Parameters
+        ----------
+        op_type : str
+        *inputs : str
+            Input names; ``""`` skips an optional input.
+        n_outputs : int, default=1
+            Number of outputs, named freshly (ignored when ``outputs`` is given).
+        outputs : list of str, optional
+            Names to give the outputs.
+        domain : str, default=""
+        **attributes
+            Node attributes (``None`` values are left out).
+        """
+        attributes = {k: v for k, v in attributes.items() if v is not None}
+        if outputs is None:
+            outputs = [self.fresh(op_type) for _ in range(n_outputs)]
+        else:
+            self._taken.update(outputs)
+        node = helper.make_node(
+            op_type, list(inputs), list(outputs), name=self.fresh(op_type + "_node"),
+            domain=domain or None, **attributes,
+        )
+        self.nodes.append(node)
+        elem = self._output_type(op_type, inputs, attributes)
+        if elem is not None:
+            for name in outputs:
+                self.types.setdefault(name, elem)
+        return outputs[0] if len(outputs) == 1 else list(outputs)
+
+    def __getattr__(self, name):
+        # w.Mul(a, b) is w.op("Mul", a, b): operator names start with a capital.
+        if name[:1].isupper():
+            return lambda *inputs, **attributes: self.op(name, *inputs, **attributes)
+        raise AttributeError(name)
+
+    # -- constants -------------------------------------------------------------------
+    def constant(self, value, like=None, elem_type=None):
+        """A constant of the element type of ``like`` (or ``elem_type``).
+
+        Constants are written once per value and type.  When the type of
+        ``like`` is unknown, the constant is cast at run time with
+        ``CastLike``.
+        """
+        if elem_type is None and like is not None:
+            elem_type = self.types.get(like)
+        array = np.asarray(value)
+        if elem_type is None:
+            return self.CastLike(self.constant(array, elem_type=TensorProto.DOUBLE), like)
+        array = array.astype(helper.tensor_dtype_to_np_dtype(elem_type))
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = self.fresh("const")
+            self.op("Constant", outputs=[name], value=numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def ints(self, values):
+        """A 1-D int64 constant."""
+        return self.constant(np.asarray(values, dtype=np.int64).reshape(-1),
+                             elem_type=TensorProto.INT64)
+
+    def reduce(self, op_type, x, axes, keepdims=1, noop_with_empty_axes=0):
+        """A reduction over ``axes`` written for the writer's opset.
+
+        Parameters
+        ----------
+        op_type : str
+            ``ReduceSum``, ``ReduceMean``, ``ReduceMax``, ...
+        x : str
+        axes : list of int, str or None
+            Static axes, the name of an int64 tensor of axes, or None for all.
+        keepdims : int, default=1
+        noop_with_empty_axes : int, default=0
+            With 1, empty ``axes`` leave ``x`` as it is (axes as an input only).
+        """
+        since = _AXES_AS_INPUT_SINCE.get(op_type, _AXES_AS_INPUT_SINCE_DEFAULT)
+        noop = noop_with_empty_axes or None
+        if self.opset >= since:
+            if axes is None:
+                return self.op(op_type, x, keepdims=keepdims)
+            axes_input = axes if isinstance(axes, str) else self.ints(axes)
+            return self.op(op_type, x, axes_input, keepdims=keepdims,
+                           noop_with_empty_axes=noop)
+        if isinstance(axes, str):
+            raise ValueError(
+                f"{op_type} at opset {self.opset} takes static axes only; got a tensor."
+            )
+        return self.op(op_type, x, keepdims=keepdims,
+                       axes=None if axes is None else [int(a) for a in axes])

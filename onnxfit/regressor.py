@@ -14,8 +14,8 @@ from .model import linear_model
 class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     """Train an ONNX graph as a regressor with mini-batch SGD.
 
-    Gradients come from the graph itself (onnxruntime-training); the update
-    comes from a learning-rate object.  ``OnnxSGDRegressor()`` alone trains
+    Gradients come from the graph itself (onnxfit differentiates it); the
+    update comes from a learning-rate object.  ``OnnxSGDRegressor()`` alone trains
     a linear model ``X @ coef + intercept``, like ``SGDRegressor``.
 
     Parameters
@@ -75,11 +75,17 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     n_threads : int, default=1
         onnxruntime intra-op threads.  One thread is the robust choice on
         small machines; two help large layers on an otherwise idle machine.
+    gradient_backend : {'onnxfit', 'onnxruntime-training'}, default='onnxfit'
+        What differentiates the graph: onnxfit's own rules (any onnxruntime
+        build, any Python from 3.10), or the gradient builder of
+        onnxruntime-training-cpu 1.19.2 when that build is installed (see
+        :mod:`onnxfit.gradient`).
 
     Attributes
     ----------
     onnx_model_ : onnx.ModelProto
-        The graph, normalised for onnxruntime-training (IR <= 10, opset <= 21).
+        The graph, normalised for training (opset 17 or newer, within what
+        the installed onnxruntime runs).
     weights_ : dict of str -> ndarray
         Trained weights.
     weights_to_train_ : list of str
@@ -120,29 +126,18 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=1,
+        n_threads=1, gradient_backend="onnxfit",
     ):
-        self.onnx_model = onnx_model
-        self.weights_to_train = weights_to_train
-        self.output_name = output_name
-        self.learning_rate = learning_rate
-        self.loss = loss
-        self.penalty = penalty
-        self.alpha = alpha
-        self.l1_ratio = l1_ratio
+        super().__init__(
+            onnx_model, weights_to_train=weights_to_train, output_name=output_name,
+            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
+            n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
+            early_stopping=early_stopping, validation_fraction=validation_fraction,
+            warm_start=warm_start, verbose=verbose, engine=engine, n_threads=n_threads,
+            gradient_backend=gradient_backend,
+        )
         self.epsilon = epsilon
-        self.batch_size = batch_size
-        self.max_iter = max_iter
-        self.tol = tol
-        self.n_iter_no_change = n_iter_no_change
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.engine = engine
-        self.n_threads = n_threads
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, sample_weight=None):

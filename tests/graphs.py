@@ -5,8 +5,7 @@ onnxfit/onnx_graphs.py and onnxfit/model.py."""
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-#: What onnxruntime-training 1.19.2 runs (see shared/notes/ort_training.md).
-TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+from onnxfit.onnx_graphs import CONVERTER_OPSETS as TARGET_OPSET
 
 
 def _model(nodes, inputs, outputs, inits):
@@ -77,7 +76,7 @@ def gemm_mlp_graph(n_in, hidden, n_out, activation="Relu", seed=0):
 
 
 def convert(estimator, X, **options):
-    """skl2onnx conversion at an opset onnxruntime-training 1.19.2 runs."""
+    """skl2onnx conversion at the opsets onnxfit asks converters for."""
     from skl2onnx import to_onnx
 
     return to_onnx(
@@ -93,7 +92,7 @@ def run_loss(loss, prediction, label, sample_weight, dtype=np.float64, closed_fo
     graph takes them divided by the number of samples, as a column that
     broadcasts against the prediction.  Returns ``(loss, dloss/dprediction)``.
     """
-    from onnxfit.gradient import make_session
+    from onnxfit.sessions import make_session
     from onnxfit.losses import loss_gradient_model
 
     prediction = np.asarray(prediction)

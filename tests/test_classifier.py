@@ -32,7 +32,7 @@ from onnxfit import (
     SoftmaxCrossEntropyLoss,
 )
 from onnxfit.classifier_graph import rewrite_linear_classifiers
-from onnxfit.gradient import make_session
+from onnxfit.sessions import make_session
 from onnxfit.losses import CLASSIFICATION_LOSSES, make_loss
 
 from tests.graphs import convert, gemm_mlp_graph, mlp_graph, run_loss
@@ -656,7 +656,7 @@ def test_softmax_loss_refuses_a_single_output_column():
 def test_one_hot_labels_are_built_batch_by_batch():
     """Labels travel as small column indices; each batch's one-hot rows equal
     the full one-hot matrix's rows."""
-    from onnxfit.engines.base import BatchBuffers
+    from onnxfit.engines.buffers import BatchBuffers
 
     X, y = load_digits(return_X_y=True)
     clf = OnnxSGDClassifier(max_iter=1, tol=None, random_state=0).fit(X[:300], y[:300])

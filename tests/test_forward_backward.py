@@ -25,9 +25,9 @@ from onnxfit import (
     OnnxSGDRegressor,
 )
 from onnxfit.engines import ENGINES, ForwardBackwardEngine
-from onnxfit.engines.forward_backward import PREDICTION, build_loss_model
+from onnxfit.engines.forward_backward import PREDICTION, PREDICTION_GRADIENT, build_loss_model
 from onnxfit.function import model_gradient_cache
-from onnxfit.gradient import gradient_name, make_session
+from onnxfit.sessions import make_session
 from onnxfit.model import OnnxModel, load_onnx, normalise_model
 from tests.graphs import convert, gemm_mlp_graph, mlp_graph
 
@@ -201,7 +201,7 @@ def test_loss_graph_gives_the_closed_form_gradient():
     residual = prediction.astype(np.float64) - label
     np.testing.assert_allclose(loss, np.mean(0.5 * residual[:, 0] ** 2 * weight), rtol=1e-6)
     np.testing.assert_allclose(gradient, residual * weight[:, None] / 40, rtol=1e-5)
-    assert session.get_outputs()[1].name == gradient_name(PREDICTION)
+    assert session.get_outputs()[1].name == PREDICTION_GRADIENT
 
 
 # -- the model's gradient graph is reused ---------------------------------------------
@@ -227,7 +227,7 @@ def test_changing_loss_penalty_or_learning_rate_reuses_the_gradient_graph():
         est.set_params(**params).fit(X, y)
         losses.append(est.loss_curve_[-1])
         assert est._runtime.engine is not first_engine  # loss/penalty/update rebuilt ...
-        assert est._runtime.engine.model_gradient is first_engine.model_gradient  # ... not this
+        assert est._runtime.engine.model_runner is first_engine.model_runner  # ... not this
     assert model_gradient_cache.builds == builds + 1
     assert len(set(losses)) == len(losses)  # the variants really trained differently
 

@@ -1,47 +1,38 @@
-"""onnxfit.gradient: gradient graphs, the rewrites of training-only
-operators, and the detection of a broken onnxruntime install."""
+"""The gradient seam (onnxfit.gradient): building vector-Jacobian graphs,
+refusing what cannot be differentiated, the forward/backward split and its
+runner.  Each operator's rule is checked against finite differences in
+tests/test_rules.py; whole graphs in tests/test_zoo.py."""
 
 import numpy as np
 import onnx
 import pytest
-from numpy.testing import assert_allclose, assert_array_equal
-from onnx import parser
+from numpy.testing import assert_allclose
+from onnx import TensorProto, helper, numpy_helper, parser
 
-from onnxfit import OnnxFunction, OnnxSGDRegressor, gradient
+from onnxfit import OnnxFunction, OnnxSGDRegressor
+from onnxfit.gradient import (
+    ForwardBackwardRunner,
+    GradientError,
+    build_vjp,
+    differentiable_ops,
+    gradient_output_name,
+    split_gradient_graph,
+)
+from onnxfit.sessions import make_session
 from tests.graphs import mlp_graph
-
-RANK1_WEIGHT_LOSS = """
-<ir_version: 8, opset_import: ["" : 17]>
-rank1 ({T}[N, 3] X, {T}[3] w, {T}[N] t) => ({T} loss) {{
-    y = MatMul(X, w)
-    d = Sub(y, t)
-    d2 = Mul(d, d)
-    loss = ReduceSum<keepdims = 0>(d2)
-}}
-"""
 
 
 def _run(model, feeds, dtype=np.float32):
-    session = gradient.make_session(model, dtype=dtype)
+    session = make_session(model, dtype=dtype)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds)))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_rank1_weight_after_matmul_has_the_right_gradient(dtype):
-    # 1.19.2's FusedMatMul(X, dY, transA=1) is wrong for a 1-D dY; the
-    # builder emits it for X @ w with w of shape (k,).
-    type_name = "float" if dtype == np.float32 else "double"
-    model = parser.parse_model(RANK1_WEIGHT_LOSS.format(T=type_name))
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((5, 3)).astype(dtype)
-    w = rng.standard_normal(3).astype(dtype)
-    t = rng.standard_normal(5).astype(dtype)
-    grad_model = gradient.build_gradient_model(model, "loss", ["w"])
-    assert not any(n.op_type == "FusedMatMul" for n in grad_model.graph.node)
-    out = _run(grad_model, {"X": X, "w": w, "t": t}, dtype)
-    expected = 2 * X.astype(np.float64).T @ (X.astype(np.float64) @ w - t)
-    assert_allclose(out["w_grad"], expected, rtol=1e-5)
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
 
 
 def test_rank1_weight_in_the_forward_backward_function():
@@ -74,128 +65,6 @@ g (double[N, 3] X) => (double[N] y) <double[3] w = {0.0, 0.0, 0.0}> {
     assert_allclose(est.weights_["w"], [1.5, -2.0, 0.25], atol=1e-3)
 
 
-def _mlp_loss_model(activation):
-    # Hidden layers of 32 and 16: their biases get the ones @ dZ rewrite,
-    # the output bias (2 values) keeps its ReduceSum.
-    model = mlp_graph(6, (32, 16), 2, activation=activation)
-    graph = model.graph
-    # Turn the weights into inputs and append 0.5 * sum((Y - T)^2).
-    weights = [i for i in graph.initializer]
-    del graph.initializer[:]
-    for w in weights:
-        graph.input.append(onnx.helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
-    graph.input.append(onnx.helper.make_tensor_value_info("T", onnx.TensorProto.FLOAT, ["N", 2]))
-    graph.node.extend([
-        onnx.helper.make_node("Sub", ["Y", "T"], ["D"]),
-        onnx.helper.make_node("Mul", ["D", "D"], ["D2"]),
-        onnx.helper.make_node("ReduceSum", ["D2"], ["loss"], keepdims=0),
-    ])
-    del graph.output[:]
-    graph.output.append(onnx.helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, []))
-    feeds = {w.name: onnx.numpy_helper.to_array(w) for w in weights}
-    return model, feeds
-
-
-@pytest.mark.parametrize(
-    "activation, training_op", [("Relu", "ReluGrad"), ("Tanh", "TanhGrad"), ("Sigmoid", "SigmoidGrad")]
-)
-def test_rewritten_activation_gradients_are_bit_identical(activation, training_op):
-    model, feeds = _mlp_loss_model(activation)
-    rng = np.random.default_rng(3)
-    feeds["X"] = rng.standard_normal((64, 6)).astype(np.float32)
-    feeds["T"] = rng.standard_normal((64, 2)).astype(np.float32)
-    names = [n for n in feeds if n.startswith(("W", "B"))]
-    original = gradient.build_gradient_model(model, "loss", names, rewrite=False)
-    rewritten = gradient.build_gradient_model(model, "loss", names, rewrite=True)
-    assert any(n.op_type == training_op for n in original.graph.node)
-    assert not any(n.domain == "com.microsoft" for n in rewritten.graph.node)
-    bias_sums = [n for n in rewritten.graph.node if n.op_type == "ReduceSum"
-                 and n.output[0] in ("B0_grad", "B1_grad", "B2_grad")]
-    assert [n.output[0] for n in bias_sums] == ["B2_grad"]
-    expected = _run(original, feeds)
-    actual = _run(rewritten, feeds)
-    for name in names:
-        if name.startswith("W"):
-            assert_array_equal(actual[name + "_grad"], expected[name + "_grad"])
-        else:  # bias gradients: ones @ dZ instead of ReduceSum, same sum
-            # (float32 sums of 64 terms in another order: tolerance relative
-            # to the largest component, since single components may cancel)
-            scale = np.abs(expected[name + "_grad"]).max()
-            assert_allclose(
-                actual[name + "_grad"], expected[name + "_grad"], rtol=1e-5, atol=1e-6 * scale
-            )
-
-
-def test_missing_training_build_is_explained(monkeypatch):
-    class PlainOnnxruntime:  # what _pybind_state looks like without training
-        pass
-
-    monkeypatch.setattr(gradient, "_C", PlainOnnxruntime())
-    with pytest.raises(gradient.TrainingRuntimeError, match="pip install onnxruntime-training-cpu==1.19.2"):
-        gradient.check_training_runtime()
-
-
-def test_read_output_gradient_gives_the_vector_jacobian_product():
-    """A backward pass started from a given dL/dY equals the closed form
-    X^T (g * relu'(XW)), whatever computes that gradient."""
-    from onnxfit.onnx_graphs import prune_graph
-
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    vjp (float[N, 3] X, float[3, 2] W, float[N, 2] G) => (float s) {
-        Z = MatMul(X, W)
-        Y = Relu(Z)
-        P = Mul(Y, G)
-        s = ReduceSum<keepdims = 0>(P)
-    }
-    """
-    model = gradient.build_gradient_model(parser.parse_model(text), "s", ["W"])
-    gradient.read_output_gradient(model, "Y", "G2")
-    graph = model.graph
-    # G2 = 3 G, computed after the backward nodes that read it: pruning sorts.
-    graph.node.append(onnx.helper.make_node("Mul", ["G", "three"], ["G2"]))
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array(3.0, np.float32), "three"))
-    keep = [o for o in graph.output if o.name == "W_grad"]
-    del graph.output[:]
-    graph.output.extend(keep)
-    prune_graph(graph)
-    onnx.checker.check_model(model)
-    assert not any(node.op_type == "ReduceSum" for node in graph.node)  # <Y, G> is gone
-    rng = np.random.default_rng(0)
-    X, W, G = (rng.standard_normal(s).astype(np.float32) for s in ((5, 3), (3, 2), (5, 2)))
-    out = _run(model, {"X": X, "W": W, "G": G})
-    assert_allclose(out["W_grad"], X.T @ (3 * G * (X @ W > 0)), rtol=1e-5, atol=1e-6)
-
-
-def test_prune_graph_sorts_and_drops_what_no_output_needs():
-    from onnx import helper, numpy_helper
-
-    from onnxfit.onnx_graphs import prune_graph
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("Add", ["a", "one"], ["c"]),       # reads a, defined below
-            helper.make_node("Neg", ["x"], ["a"]),
-            helper.make_node("Mul", ["x", "unused_init"], ["dead"]),  # feeds no output
-        ],
-        "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2])],
-        [numpy_helper.from_array(np.ones(2, np.float32), "one"),
-         numpy_helper.from_array(np.ones(2, np.float32), "unused_init")],
-    )
-    prune_graph(graph)
-    assert [n.op_type for n in graph.node] == ["Neg", "Add"]
-    assert [i.name for i in graph.initializer] == ["one"]
-    assert [i.name for i in graph.input] == ["x"]
-    cyclic = helper.make_graph(
-        [helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Neg", ["a"], ["b"])],
-        "g", [], [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])],
-    )
-    with pytest.raises(ValueError, match="cycle"):
-        prune_graph(cyclic)
-
-
 def test_fused_graph_never_differentiates_a_loss_with_a_closed_form():
     """The builder differentiates the model only: the loss's gradient is the
     closed form, and a loss without one is differentiated on its own."""
@@ -208,37 +77,169 @@ def test_fused_graph_never_differentiates_a_loss_with_a_closed_form():
         est = OnnxSGDRegressor(loss=loss, max_iter=1, tol=None).fit(X, y)
         model = build_fused_model(est._problem())
         loss_grad_nodes = [
-            n.name for n in model.graph.node
-            if n.name.startswith("onnxfit.loss.") and "_Grad/" in n.name
+            n.name for n in model.graph.node if n.name.startswith("onnxfit.loss.onnxfit.vjp.")
         ]
         assert bool(loss_grad_nodes) is expected, loss
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fold_cast_like_turns_typed_constants_into_constants(dtype):
-    from onnxfit.onnx_graphs import fold_cast_like
+# -- arguments and refusals ---------------------------------------------------------------
+def _linear_model():
+    return _model(
+        [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "B"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 2]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+    )
 
-    T = "float" if dtype == np.float32 else "double"
-    text = f"""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g ({T}[N, 3] x) => ({T}[N, 3] y, {T}[3] s) {{
-        c_f = Constant<value = float {{2.5}}>()
-        c = CastLike(c_f, x)
-        n = Shape<start = 0, end = 1>(x)
-        ones_f = ConstantOfShape<value = float[1] {{1}}>(n)
-        ones = CastLike(ones_f, x)
-        y = Mul(x, c)
-        s = MatMul(ones, x)
-    }}
-    """
-    model = parser.parse_model(text)
-    x = np.arange(12, dtype=dtype).reshape(4, 3)
-    before = _run(model, {"x": x}, dtype)
-    fold_cast_like(model)
-    onnx.checker.check_model(model)
-    assert [n.op_type for n in model.graph.node] == [
-        "Constant", "Shape", "ConstantOfShape", "Mul", "MatMul"]
-    after = _run(model, {"x": x}, dtype)
-    assert_array_equal(after["y"], before["y"])
-    assert_array_equal(after["s"], before["s"])
-    assert after["y"].dtype == dtype
+
+def test_build_vjp_checks_its_arguments():
+    model = _linear_model()
+    with pytest.raises(ValueError, match="at least one seeded value"):
+        build_vjp(model, {}, ["W"])
+    with pytest.raises(ValueError, match="distinct names"):
+        build_vjp(model, {"Y": "dY"}, ["W", "W"])
+    with pytest.raises(ValueError, match=r"\['Z'\] are not values of the graph"):
+        build_vjp(model, {"Y": "dY"}, ["Z"])
+    with pytest.raises(ValueError, match="must be an input name or 1"):
+        build_vjp(model, {"Y": 2.0}, ["W"])
+    with pytest.raises(ValueError, match="Unknown gradient backend 'autograd'"):
+        build_vjp(model, {"Y": "dY"}, ["W"], backend="autograd")
+
+
+def test_gradient_outputs_are_named_and_the_model_is_untouched():
+    model = _linear_model()
+    before = model.SerializeToString()
+    result = build_vjp(model, {"Y": "dY"}, ["W", "B", "X"])
+    assert model.SerializeToString() == before
+    assert result.gradient_names == {n: gradient_output_name(n) for n in ("W", "B", "X")}
+    assert result.cotangent_names == {"Y": "dY"}
+    assert [o.name for o in result.model.graph.output] == ["Y"] + list(
+        result.gradient_names.values())
+    rng = np.random.default_rng(0)
+    X, W, B, dY = (rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (3, 2), (2,), (4, 2)))
+    out = _run(result.model, {"X": X, "W": W, "B": B, "dY": dY})
+    assert_allclose(out[gradient_output_name("W")], X.T @ dY, rtol=1e-5)
+    assert_allclose(out[gradient_output_name("B")], dY.sum(axis=0), rtol=1e-5)
+    assert_allclose(out[gradient_output_name("X")], dY @ W.T, rtol=1e-5)
+
+
+def test_an_operator_without_rule_on_the_path_is_refused_with_its_node_and_weights():
+    # Det has no rule; W reaches the output through it, B does not.
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["S"]),
+         helper.make_node("Det", ["S"], ["D"], name="the_det"),
+         helper.make_node("Add", ["D", "B"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 2]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [2, 2]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [])],
+    )
+    with pytest.raises(GradientError) as error:
+        build_vjp(model, {"Y": "dY"}, ["W", "B"])
+    message = str(error.value)
+    assert "Det (node 'the_det')" in message and "['W']" in message
+    assert "weights_to_train" in message and "output_name" in message
+    assert "Det" not in differentiable_ops() and "Conv" in differentiable_ops()
+    # The weight behind it frozen, the rest differentiates.
+    result = build_vjp(model, {"Y": "dY"}, ["B"])
+    out = _run(result.model, {"X": np.eye(2, dtype=np.float32), "W": np.eye(2, dtype=np.float32),
+                              "B": np.array(1, np.float32), "dY": np.array(3, np.float32)})
+    assert out[gradient_output_name("B")] == 3
+
+
+def test_an_operator_of_another_domain_on_the_path_is_refused():
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["S"]),
+         helper.make_node("FusedGelu", ["S"], ["Y"], domain="com.microsoft", name="gelu")],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(GradientError, match=r"FusedGelu \(node 'gelu'\) in domain 'com.microsoft'"):
+        build_vjp(model, {"Y": "dY"}, ["W"])
+
+
+def test_weights_that_only_reach_the_loss_through_zero_derivatives_are_refused():
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["S"]),
+         helper.make_node("ArgMax", ["S"], ["I"], axis=1, name="pick"),
+         helper.make_node("Cast", ["I"], ["F"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["F", "B"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
+    )
+    with pytest.raises(GradientError, match=r"\['W'\] reach the loss only through .*ArgMax \(node 'pick'\)"):
+        build_vjp(model, {"Y": "dY"}, ["W", "B"])
+    build_vjp(model, {"Y": "dY"}, ["B"])  # B reaches it through Add
+
+
+def test_a_symbolic_dimension_that_may_broadcast_is_reduced_at_run_time():
+    """A[a, 4] + B[b, 4]: whether a or b is 1 is known only at run time."""
+    model = _model(
+        [helper.make_node("Add", ["A", "B"], ["Y"])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["a", 4]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["c", 4])],
+    )
+    result = build_vjp(model, {"Y": "dY"}, ["A", "B"])
+    grad_a, grad_b = gradient_output_name("A"), gradient_output_name("B")
+    rng = np.random.default_rng(0)
+    for rows_a, rows_b in ((3, 1), (1, 3), (3, 3)):
+        A = rng.standard_normal((rows_a, 4)).astype(np.float32)
+        B = rng.standard_normal((rows_b, 4)).astype(np.float32)
+        dY = rng.standard_normal((max(rows_a, rows_b), 4)).astype(np.float32)
+        out = _run(result.model, {"A": A, "B": B, "dY": dY})
+        expected_a = dY if rows_a == dY.shape[0] else dY.sum(axis=0, keepdims=True)
+        expected_b = dY if rows_b == dY.shape[0] else dY.sum(axis=0, keepdims=True)
+        assert_allclose(out[grad_a], expected_a, rtol=1e-6)
+        assert_allclose(out[grad_b], expected_b, rtol=1e-6)
+
+
+def test_scalar_seeds_add_their_gradient():
+    """Seeding a penalty by 1 next to the output: the two gradients add."""
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"]),
+         helper.make_node("ReduceSumSquare", ["W"], ["P"], keepdims=0)],
+        [helper.make_tensor_value_info("X", TensorProto.DOUBLE, ["N", 3]),
+         helper.make_tensor_value_info("W", TensorProto.DOUBLE, [3, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.DOUBLE, ["N", 2]),
+         helper.make_tensor_value_info("P", TensorProto.DOUBLE, [])],
+    )
+    result = build_vjp(model, {"Y": "dY", "P": 1}, ["W"])
+    rng = np.random.default_rng(1)
+    X, W, dY = rng.standard_normal((5, 3)), rng.standard_normal((3, 2)), rng.standard_normal((5, 2))
+    out = _run(result.model, {"X": X, "W": W, "dY": dY}, np.float64)
+    assert_allclose(out[gradient_output_name("W")], X.T @ dY + 2 * W, rtol=1e-12)
+
+
+# -- the forward/backward split -------------------------------------------------------------
+def test_split_keeps_the_forward_pass_lean_and_matches_the_whole_graph():
+    model = mlp_graph(4, (6,), 2, "Tanh")
+    graph = model.graph
+    weights = [i.name for i in graph.initializer]
+    for init in list(graph.initializer):
+        graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    del graph.initializer[:]
+    whole = build_vjp(model, {"Y": "dY"}, weights)
+    split = split_gradient_graph(whole)
+    assert [n.op_type for n in split.forward.graph.node] == ["MatMul", "Add", "Tanh", "MatMul", "Add"]
+    assert split.output_names == ["Y"] and "H0" in split.saved_names
+    assert split.input_names == ["X"] + weights
+    runner = ForwardBackwardRunner(split)
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((5, 4)).astype(np.float32)
+    dY = rng.standard_normal((5, 2)).astype(np.float32)
+    inputs = {"X": X, **values}
+    forward = runner.forward(inputs)
+    gradients = runner.backward(inputs, forward, {"Y": dY})
+    expected = _run(whole.model, {**inputs, "dY": dY})
+    assert_allclose(forward["Y"].numpy(), expected["Y"], rtol=1e-6)
+    for name in weights:
+        assert_allclose(gradients[name].numpy(), expected[gradient_output_name(name)], rtol=1e-6)
+    with pytest.raises(ValueError, match="seeded on each of the model's outputs"):
+        split_gradient_graph(build_vjp(model, {"H0": "dH"}, weights))

@@ -15,7 +15,7 @@ from onnxfit import (
     LearningRateSGDNesterov,
     OnnxSGDRegressor,
 )
-from onnxfit.gradient import make_session
+from onnxfit.sessions import make_session
 from onnxfit.learning_rate import ScheduleState, make_learning_rate
 from onnxfit.onnx_graphs import piece_model
 

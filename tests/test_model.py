@@ -10,7 +10,8 @@ from numpy.testing import assert_allclose
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfit import OnnxSGDRegressor
-from onnxfit.onnx_graphs import MAX_IR_VERSION, MAX_OPSET
+from onnxfit import model as model_module
+from onnxfit.sessions import runtime_limits
 from tests.graphs import mlp_graph
 
 COMMON = dict(random_state=0, max_iter=3, tol=None, batch_size=16)
@@ -103,15 +104,25 @@ def test_bad_model_arguments():
         OnnxSGDRegressor(broken, **COMMON).fit(X, y)
 
 
-def test_new_ir_and_opset_are_normalised_without_touching_the_user_model():
+def _default_opset(model):
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("limits", ["installed", "1.19.2"])
+def test_new_ir_and_opset_are_normalised_without_touching_the_user_model(limits, monkeypatch):
+    """A graph newer than the runtime is converted down to the runtime's
+    limits (1.19.2's are IR 10 / opset 21), one the runtime runs is kept."""
+    if limits == "1.19.2":
+        monkeypatch.setattr(model_module, "runtime_limits", lambda: (10, 21))
+    max_ir, max_opset = model_module.runtime_limits()
     X, y = _data()
     model = _linear(opset=None)
-    assert model.ir_version > MAX_IR_VERSION
-    assert model.opset_import[0].version > MAX_OPSET
     original = model.SerializeToString()
     est = OnnxSGDRegressor(model, random_state=0, max_iter=30, tol=None, batch_size=8).fit(X, y)
-    assert est.onnx_model_.ir_version <= MAX_IR_VERSION
-    assert all(o.version <= MAX_OPSET for o in est.onnx_model_.opset_import if o.domain in ("", "ai.onnx"))
+    assert est.onnx_model_.ir_version == min(model.ir_version, max_ir)
+    assert _default_opset(est.onnx_model_) == min(_default_opset(model), max_opset)
+    if limits == "1.19.2":
+        assert _default_opset(model) > 21  # onnx writes newer graphs than 1.19.2 runs
     assert model.SerializeToString() == original
     start = OnnxSGDRegressor(model, **COMMON).fit(X, y)
     start.weights_ = _initializers(model)  # the untrained weights
@@ -211,8 +222,12 @@ def test_op_without_gradient_is_named():
             numpy_helper.from_array(np.zeros(1, np.float32), "B"),
         ],
     )
-    with pytest.raises(ValueError, match="operator 'Floor'"):
-        OnnxSGDRegressor(model, **COMMON).fit(X, y)
+    est = OnnxSGDRegressor(model, **COMMON)
+    with pytest.raises(ValueError, match=r"\['W'\] reach the loss only through .*Floor \(node 'F'\)"):
+        est.fit(X, y)
+    assert not hasattr(est, "weights_")  # refused before any training
+    # Freezing W leaves B, which the loss reaches through Add: that trains.
+    OnnxSGDRegressor(model, weights_to_train=["B"], **COMMON).fit(X, y)
 
 
 def test_graph_with_two_inputs_is_rejected():
@@ -327,7 +342,7 @@ def test_default_linear_model_follows_the_dtype_of_X(dtype):
     est = OnnxSGDRegressor(**COMMON).fit(X.astype(dtype), y)
     assert est.dtype_ == dtype
     assert est.weights_["coef"].shape == (3, 1) and est.weights_["intercept"].shape == (1,)
-    assert est.onnx_model_.ir_version <= MAX_IR_VERSION
+    assert est.onnx_model_.ir_version <= runtime_limits()[0]
 
 
 def test_intermediate_value_as_output_name():

@@ -7,18 +7,43 @@ from numpy.testing import assert_allclose
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfit import ElasticNetPenalty, LearningRateSGD, OnnxSGDRegressor
-from onnxfit.gradient import build_gradient_model, make_session
+from onnxfit.gradient import build_vjp, gradient_output_name
 from onnxfit.onnx_graphs import piece_model
 from onnxfit.penalties import make_penalty
+from onnxfit.sessions import make_session
 
 ALPHA = 0.3
 L1_RATIO = 0.4
 
 
-def _penalty_session(penalty, dtype=np.float64):
-    model = piece_model(penalty.piece(dtype))
-    grad_model = build_gradient_model(model, "penalty", ["weight"])
-    return make_session(grad_model, dtype=dtype)
+class _PenaltyRunner:
+    """The penalty piece on a flat weight vector (every position penalized)
+    with its gradient from the gradient seam; run on weights of any shape."""
+
+    def __init__(self, penalty, size, dtype=np.float64):
+        model = piece_model(penalty.piece(dtype))
+        scales = penalty.scales(np.ones(size), dtype)
+        graph = model.graph
+        kept = [i for i in graph.input if i.name not in scales]
+        del graph.input[:]
+        graph.input.extend(kept)
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in scales.items())
+        gradient = build_vjp(model, {"penalty": 1}, ["weight"])
+        self.session = make_session(gradient.model, dtype=dtype)
+        self.gradient = gradient_output_name("weight")
+
+    def run(self, names, feeds):
+        w = feeds["weight"]
+        out = dict(zip(
+            ["penalty", "weight_grad"],
+            self.session.run(["penalty", self.gradient], {"weight": w.reshape(-1)}),
+        ))
+        out["weight_grad"] = out["weight_grad"].reshape(w.shape)
+        return [out[n] for n in names]
+
+
+def _penalty_session(penalty, dtype=np.float64, shape=(4, 3)):
+    return _PenaltyRunner(penalty, int(np.prod(shape)), dtype)
 
 
 def _weight(shape, seed=0):
@@ -41,7 +66,7 @@ def _closed_form(w, alpha, l1_ratio):
 def test_penalty_value_and_gradient_match_closed_form(name, l1_ratio, shape):
     penalty = make_penalty(name, ALPHA, L1_RATIO)
     assert penalty.alpha == ALPHA and penalty.l1_ratio == l1_ratio
-    session = _penalty_session(penalty)
+    session = _penalty_session(penalty, shape=shape)
     w = _weight(shape)
     value, grad = session.run(["penalty", "weight_grad"], {"weight": w})
     ref_value, ref_grad = _closed_form(w, ALPHA, l1_ratio)
@@ -53,7 +78,7 @@ def test_penalty_value_and_gradient_match_closed_form(name, l1_ratio, shape):
 @pytest.mark.parametrize("name", ["l2", "elasticnet"])
 def test_penalty_gradient_matches_central_finite_differences(name):
     penalty = make_penalty(name, ALPHA, L1_RATIO)
-    session = _penalty_session(penalty)
+    session = _penalty_session(penalty, shape=(3, 2))
     w = _weight((3, 2), seed=1)
     grad = session.run(["weight_grad"], {"weight": w})[0]
     h = 1e-6
@@ -70,7 +95,7 @@ def test_penalty_gradient_matches_central_finite_differences(name):
 
 
 def test_l1_gradient_has_the_sign_of_the_weight():
-    session = _penalty_session(make_penalty("l1", ALPHA, L1_RATIO))
+    session = _penalty_session(make_penalty("l1", ALPHA, L1_RATIO), shape=(6, 5))
     w = _weight((6, 5), seed=2)
     grad = session.run(["weight_grad"], {"weight": w})[0]
     assert np.all(np.sign(grad) == np.sign(w))

@@ -5,11 +5,16 @@
 * :class:`~onnxfit.engines.forward_backward.ForwardBackwardEngine`
   (``engine='forward_backward'``): the model's forward and backward, the
   loss, the penalty and the update run as separate graphs.
+
+Both assemble the same pieces (:mod:`.steps`) around a
+:class:`~onnxfit.engines.problem.TrainingProblem`, and share the batch loop
+and the weight buffers (:mod:`.base`, :mod:`.buffers`).
 """
 
-from .base import BaseEngine, TrainingProblem
+from .base import BaseEngine
 from .forward_backward import ForwardBackwardEngine
 from .fused import FusedEngine
+from .problem import TrainingProblem
 
 ENGINES = {"fused": FusedEngine, "forward_backward": ForwardBackwardEngine}
 

@@ -4,66 +4,55 @@ One ``run`` computes forward, loss, gradients and the new weights, the
 fewest round trips between Python and onnxruntime.  The graph is built in
 three parts:
 
-1. the model's forward graph, differentiated by onnxruntime-training
-   (:func:`onnxfit.gradient.build_gradient_model`) through the scalar
-   ``<prediction, G> + penalties``, where ``G`` stands for the loss's
-   gradient with respect to the prediction: the backward pass then computes
-   the model's vector-Jacobian product of ``G`` plus the penalties' gradients;
+1. the model's forward graph and the penalty (on the flat weight vector),
+   differentiated through the gradient seam
+   (:func:`onnxfit.gradient.build_vjp`) with the prediction seeded by ``G``,
+   a stand-in for the loss's gradient, and the penalty seeded by 1;
 2. the loss and its gradient (:func:`onnxfit.losses.loss_gradient_model`),
-   whose gradient output becomes ``G``
-   (:func:`onnxfit.gradient.read_output_gradient`), so the loss is never
-   differentiated through the graph: a closed form takes a handful of
-   kernels where the automatic derivative of a loss takes dozens, which is
-   most of a step of a small model;
+   whose gradient output *is* ``G``: the loss is never differentiated
+   through the model's graph, and a closed-form derivative takes a handful
+   of kernels where an automatic one takes dozens;
 3. the learning-rate object's update rule, applied once to all weights laid
-   end to end (:func:`onnxfit.engines.base.append_updates`).
+   end to end (:func:`onnxfit.engines.steps.append_update`).
 
 Weights and update-rule state live in two sets of flat numpy vectors bound
 to the session (IO binding shares their memory; the model reads each weight
-as a view, the update rule the whole vector): a step reads set ``p`` and
-writes set ``1 - p``.  Writing in place would be wrong, since onnxruntime may
-schedule a weight's update before a backward node that still reads the old
-weight.  Only the scalar loss is read back per step.
+as a view, the penalty and the update rule the whole vector): a step reads
+set ``p`` and writes set ``1 - p``.  Writing in place would be wrong, since
+onnxruntime may schedule a weight's update before a backward node that still
+reads the old weight.  Only the scalar loss is read back per step.
 """
+
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 
-from ..gradient import build_gradient_model, gradient_name, make_session, read_output_gradient
+from ..gradient import build_vjp
 from ..onnx_graphs import (
-    append_piece,
     merge_opset_imports,
     numpy_dtype,
     onnx_elem_type,
-    parse_piece,
     prune_graph,
     set_outputs,
 )
-from .base import (
+from ..sessions import bind_output_array, make_session
+from .base import BaseEngine
+from .problem import (
     DATA_LOSS,
+    FLAT_GRADIENT,
+    FLAT_WEIGHTS,
     LABEL,
     LEARNING_RATE,
     LOSS,
+    PENALTY,
     SAMPLE_WEIGHT,
-    BaseEngine,
-    append_loss,
-    append_penalty_terms,
-    append_sum,
-    append_updates,
-    bind_output_array,
-    set_input_shape,
 )
+from .steps import append_flat_gradient, append_loss, append_penalty, append_sum, append_update
 
 #: Reserved names of the fused graph.
 OUTPUT_GRADIENT = "onnxfit.output_gradient"
-SURROGATE = "onnxfit.surrogate"
-
-_INNER_PRODUCT_TEXT = """
-inner_product ({T}[] a, {T}[] b) => ({T} inner) {{
-    product = Mul(a, b)
-    inner = ReduceSum<keepdims = 0>(product)
-}}
-"""
+MODEL_GRADIENT = "onnxfit.model_gradient"
 
 
 def build_fused_model(problem):
@@ -71,39 +60,44 @@ def build_fused_model(problem):
 
     Inputs: X, label, sample_weight, the weights, then the learning rate and
     the flat weight and state vectors of the update rule.  Outputs: the loss
-    (penalties included), then the new flat weight and state vectors
-    (``new_name(FLAT_WEIGHTS)``, ``new_name(flat_state_name(s))``).
+    (penalty included), then the new flat weight and state vectors
+    (``updated_name(FLAT_WEIGHTS)``, ``updated_name(flat_state_name(s))``).
     """
     dtype = problem.dtype
     elem = onnx_elem_type(dtype)
-    surrogate = onnx.ModelProto()
-    surrogate.CopyFrom(problem.forward_model)
-    graph = surrogate.graph
-    append_piece(
-        graph, parse_piece(_INNER_PRODUCT_TEXT, dtype), "onnxfit.inner.",
-        {"a": problem.output_name, "b": OUTPUT_GRADIENT}, {"inner": "onnxfit.inner"},
-    )
-    set_input_shape(graph, OUTPUT_GRADIENT, dtype, ["N"] + list(problem.label_shape))
-    penalties = append_penalty_terms(graph, problem)
-    append_sum(graph, ["onnxfit.inner"] + penalties, SURROGATE, dtype, prefix="onnxfit.surrogate.")
-    set_outputs(graph, [(SURROGATE, elem, [])])
-
-    model = build_gradient_model(surrogate, SURROGATE, problem.weight_names)
+    model = onnx.ModelProto()
+    model.CopyFrom(problem.forward_model)
+    seeds = {problem.output_name: OUTPUT_GRADIENT}
+    wrt = list(problem.weight_names)
+    if problem.penalized:
+        append_penalty(model.graph, problem)
+        seeds[PENALTY] = 1
+        wrt.append(FLAT_WEIGHTS)
+    vjp = build_vjp(model, seeds, wrt, backend=problem.gradient_backend)
+    model = vjp.model
     graph = model.graph
-    read_output_gradient(model, problem.output_name, OUTPUT_GRADIENT)
     graph.input.remove(next(i for i in graph.input if i.name == OUTPUT_GRADIENT))
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     loss_model = append_loss(
         graph, problem, problem.output_name, DATA_LOSS, OUTPUT_GRADIENT, opset=opset
     )
     merge_opset_imports(model, loss_model)
-    append_sum(graph, [DATA_LOSS] + penalties, LOSS, dtype, prefix="onnxfit.objective.")
-    gradients = {weight: gradient_name(weight) for weight in problem.weight_names}
-    updates = append_updates(graph, problem, gradients)
+    terms = [DATA_LOSS] + ([PENALTY] if problem.penalized else [])
+    append_sum(graph, terms, LOSS, dtype, prefix="onnxfit.objective.")
+    model_gradients = {w: vjp.gradient_names[w] for w in problem.weight_names}
+    if problem.penalized:
+        append_flat_gradient(graph, problem, model_gradients, MODEL_GRADIENT)
+        append_sum(graph, [MODEL_GRADIENT, vjp.gradient_names[FLAT_WEIGHTS]], FLAT_GRADIENT,
+                   dtype, prefix="onnxfit.gradient_sum.")
+    else:
+        append_flat_gradient(graph, problem, model_gradients, FLAT_GRADIENT)
+    updates = append_update(graph, problem, FLAT_GRADIENT)
     set_outputs(graph, [(LOSS, elem, [])])
     graph.output.extend(updates)
     prune_graph(graph)
-    onnx.checker.check_model(model)
+    if problem.gradient_backend == "onnxfit":
+        # The other backend leaves training-only operators onnx does not know.
+        onnx.checker.check_model(model)
     return model
 
 
@@ -112,7 +106,7 @@ class FusedEngine(BaseEngine):
 
     Parameters
     ----------
-    problem : onnxfit.engines.base.TrainingProblem
+    problem : onnxfit.engines.problem.TrainingProblem
     """
 
     name = "fused"
@@ -129,7 +123,7 @@ class FusedEngine(BaseEngine):
 
     def _bind_batch(self, buffers):
         problem = self.problem
-        buffers.bindings = []
+        bindings = []
         for parity in (0, 1):
             binding = self.session.io_binding()
             binding.bind_cpu_input(problem.input_name, buffers.X)
@@ -140,7 +134,8 @@ class FusedEngine(BaseEngine):
                 binding.bind_cpu_input(weight, self._sets[parity].views[weight])
             self._bind_update_rule(binding, parity)
             bind_output_array(binding, self._loss_name, self._step_loss)
-            buffers.bindings.append(binding)
+            bindings.append(binding)
+        buffers.bound = SimpleNamespace(bindings=bindings)
 
     def _step(self, buffers, parity):
-        self._run(buffers.bindings[parity])
+        self._run(buffers.bound.bindings[parity])

@@ -1,12 +1,20 @@
-"""Gradient building: the only module that knows onnxruntime-training.
+"""The ``'onnxruntime-training'`` gradient backend: onnxruntime-training 1.19.2.
 
-Everything that touches onnxruntime-training's private API
-(``onnxruntime.capi._pybind_state``) lives here, so that another gradient
-backend can be added by writing one more module with the same functions.
-``import onnxruntime.training`` is never executed: it imports torch.
+The gradient builder of onnxruntime-training-cpu 1.19.2 (the last release of
+the training build, Python 3.12 and older) differentiates a scalar; this
+module gives it the scalar ``sum over seeds of <value, cotangent>``, then
+rewrites what it builds into graphs that run like onnxfit's own: the
+training-only gradient kernels it emits (ReluGrad, SigmoidGrad, TanhGrad,
+Scale, FusedMatMul) become standard operators, and the backward pass reads
+each cotangent directly instead of differentiating the inner products.
+ConvGrad, MaxPoolGrad and the like stay: such graphs need the training build
+at run time.  It is the reference onnxfit's own rules are checked against.
 
-Facts this module relies on (onnxruntime-training-cpu 1.19.2, see
-``shared/notes/ort_training.md``):
+Everything that touches the training build's private API
+(``onnxruntime.capi._pybind_state``) lives here.  ``import
+onnxruntime.training`` is never executed: it imports torch.
+
+Facts this module relies on (onnxruntime-training-cpu 1.19.2):
 
 * ``GradientGraphBuilder(model_bytes, {loss}, set(weights), loss,
   session_options)`` builds forward + loss + gradients in one graph whose
@@ -14,7 +22,9 @@ Facts this module relies on (onnxruntime-training-cpu 1.19.2, see
   (always look them up by name);
 * the builder seeds the loss gradient as float32, so a float64 loss must end
   with ``Cast(to=FLOAT)``, and float64 sessions must disable
-  ``MatmulTransposeFusion`` (the CPU FusedMatMul kernel is float32 only).
+  ``MatmulTransposeFusion`` (the CPU FusedMatMul kernel is float32 only);
+* the gradient of AveragePool (AveragePoolGrad) kills the process with
+  SIGFPE: graphs with AveragePool on the gradient path are refused.
 """
 
 import re
@@ -24,63 +34,144 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper
 
-from .onnx_graphs import append_piece, fold_cast_like, parse_piece
+from ..onnx_graphs import (
+    append_piece,
+    fold_cast_like,
+    numpy_dtype,
+    onnx_elem_type,
+    parse_piece,
+    prune_graph,
+    rename_value,
+    value_types,
+)
+from ..sessions import has_training_build, session_options
 
 try:  # the training build exposes these; the plain package does not
     from onnxruntime.capi import _pybind_state as _C
 except ImportError:  # pragma: no cover - broken install
     _C = None
 
-#: Optimizers that must be off for float64 graphs (FusedMatMul is float32 only).
-_FLOAT64_DISABLED_OPTIMIZERS = ["MatmulTransposeFusion"]
+#: Operators whose 1.19.2 gradient crashes the process.
+_CRASHING_OPS = {"AveragePool": "its gradient kernel (AveragePoolGrad) crashes with SIGFPE"}
 
 
 class TrainingRuntimeError(ImportError):
     """onnxruntime is installed without its training build."""
 
 
-def check_training_runtime():
+def check_available():
     """Raise :class:`TrainingRuntimeError` unless onnxruntime-training is usable.
 
     onnxruntime, onnxruntime-training and onnxruntime-training-cpu all own
-    the same ``onnxruntime/`` folder: when the plain package was installed
-    after the training one, the gradient builder silently disappears.
+    the same ``onnxruntime/`` folder: whichever was installed last is the
+    one Python imports.
     """
-    if _C is None or not hasattr(_C, "GradientGraphBuilder"):
+    if _C is None or not has_training_build():
         raise TrainingRuntimeError(
-            "onnxfit needs onnxruntime-training-cpu==1.19.2, but the installed "
-            f"onnxruntime {onnxruntime.__version__} has no gradient builder: the "
-            "plain 'onnxruntime' package probably overwrote it (both install the "
-            "same 'onnxruntime' folder). Repair with: pip uninstall -y onnxruntime "
-            "onnxruntime-training-cpu && pip install onnxruntime-training-cpu==1.19.2"
+            "gradient_backend='onnxruntime-training' needs onnxruntime-training-cpu "
+            f"1.19.2, but the installed onnxruntime {onnxruntime.__version__} has no "
+            "gradient builder. It only exists for Python 3.10-3.12 and replaces the "
+            "plain onnxruntime package (both install the same 'onnxruntime' folder): "
+            "pip uninstall -y onnxruntime && pip install 'onnxfit[ort-training]'. "
+            "The default gradient_backend='onnxfit' needs none of this."
         )
 
 
-def session_options(n_threads=1, log_severity_level=3):
-    """SessionOptions used for every onnxfit session."""
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = log_severity_level
-    options.intra_op_num_threads = int(n_threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    return options
 
-
-def make_session(model, n_threads=1, dtype=np.float32):
-    """An ``InferenceSession`` on ``model`` (ModelProto or bytes) on CPU."""
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    kwargs = {}
-    if np.dtype(dtype) == np.float64:
-        kwargs["disabled_optimizers"] = _FLOAT64_DISABLED_OPTIMIZERS
-    return onnxruntime.InferenceSession(
-        model, session_options(n_threads), providers=["CPUExecutionProvider"], **kwargs
-    )
 
 
 def gradient_name(weight_name):
     """Name of the gradient output the builder gives ``weight_name``."""
     return weight_name + "_grad"
+
+
+_INNER_PRODUCT_TEXT = """
+inner_product ({T}[] a, {T}[] b) => ({T} inner) {{
+    product = Mul(a, b)
+    inner = ReduceSum<keepdims = 0>(product)
+}}
+"""
+
+_ADD_TEXT = """
+add_terms ({T} a, {T} b) => ({T} total) {{
+    total = Add(a, b)
+}}
+"""
+
+#: Name of the scalar the builder differentiates.
+SURROGATE = "onnxfit.ort_training.surrogate"
+
+
+def vjp(model, seeds, wrt, gradient_names):
+    """The ``'onnxruntime-training'`` backend of :func:`onnxfit.gradient.build_vjp`.
+
+    The builder differentiates ``sum of <value, cotangent> + sum of scalar
+    seeds``; the node that then computes each seeded value's gradient is
+    replaced by the cotangent itself (see :func:`read_output_gradient`).
+    """
+    from .own import GradientError
+
+    check_available()
+    surrogate = onnx.ModelProto()
+    surrogate.CopyFrom(model)
+    graph = surrogate.graph
+    inferred = onnx.shape_inference.infer_shapes(surrogate)
+    types = value_types(inferred)
+    shapes = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+              + list(inferred.graph.input)}
+    defined = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    readers = {name for node in graph.node for name in node.input}
+    terms, direct = [], []
+    for k, (value, seed) in enumerate(seeds.items()):
+        dtype = numpy_dtype(types.get(value))
+        if not isinstance(seed, str):
+            terms.append((value, dtype))
+            continue
+        if seed not in defined:
+            info = onnx.ValueInfoProto()
+            if value in shapes:
+                info.CopyFrom(shapes[value])
+            else:
+                info.CopyFrom(helper.make_tensor_value_info(value, types[value], None))
+            info.name = seed
+            graph.input.append(info)
+        inner = append_piece(graph, parse_piece(_INNER_PRODUCT_TEXT, dtype), f"onnxfit.seed{k}.",
+                             {"a": value, "b": seed})["inner"]
+        terms.append((inner, dtype))
+        if value not in readers and value not in wrt:
+            direct.append((value, seed))
+    total, dtype = terms[0]
+    for k, (term, _) in enumerate(terms[1:]):
+        out = SURROGATE if k == len(terms) - 2 else f"{SURROGATE}.partial{k}"
+        append_piece(graph, parse_piece(_ADD_TEXT, dtype), f"{SURROGATE}.add{k}.",
+                     {"a": total, "b": term}, {"total": out})
+        total = out
+    if total != SURROGATE:
+        graph.node.append(helper.make_node("Identity", [total], [SURROGATE]))
+    outputs = list(graph.output)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    graph.output.append(helper.make_tensor_value_info(SURROGATE, onnx_elem_type(dtype), []))
+    result = build_gradient_model(surrogate, SURROGATE, wrt)
+    crashing = sorted({n.op_type for n in result.graph.node if n.op_type[:-4] in _CRASHING_OPS
+                       and n.op_type.endswith("Grad")})
+    if crashing:
+        op = crashing[0][:-4]
+        raise GradientError(
+            f"onnxruntime-training 1.19.2 cannot differentiate {op}: {_CRASHING_OPS[op]}. "
+            "Use gradient_backend='onnxfit'."
+        )
+    for value, seed in direct:
+        read_output_gradient(result, value, seed)
+    graph = result.graph
+    for weight in wrt:
+        rename_value(graph, gradient_name(weight), gradient_names[weight])
+    kept = [o for o in graph.output if o.name in {x.name for x in outputs}]
+    kept += [o for o in graph.output if o.name in set(gradient_names.values())]
+    del graph.output[:]
+    graph.output.extend(kept)
+    prune_graph(graph)
+    return result
 
 
 # onnxruntime says "The gradient builder has not been registered: Floor for node ..."
@@ -113,7 +204,7 @@ def build_gradient_model(model, loss_name, wrt_names, rewrite=True):
     ValueError
         When the graph contains an operator without a registered gradient.
     """
-    check_training_runtime()
+    check_available()
     model = _loss_as_float32(model, loss_name)
     builder_loss = _float32_loss_name(model, loss_name)
     options = session_options()
@@ -229,24 +320,19 @@ def _explain_gradient_failure(model, exc):
 
 # -- Training-only operators rewritten into standard ONNX ----------------------
 # Gradient graphs of 1.19.2 use com.microsoft kernels that plain onnxruntime
-# lacks and some of which are slow (ReluGrad took 243 of 447 us per step of a
-# 100-128-64-1 MLP; the rewrite below does the same in 39 us).  Each rewrite
-# gives bit-identical results and is type-generic (CastLike), so one text
-# serves float32 and float64 (1.19.2 has no float64 ReluGrad kernel at all).
+# lacks and some of which are slow (ReluGrad most of all).  Each rewrite is
+# type-generic (CastLike), so one text serves float32 and float64 (1.19.2 has
+# no float64 ReluGrad kernel at all).
 _REWRITES = {
-    # ReluGrad(dY, Y) with Y = relu(X) >= 0: dY where the ReLU was active,
-    # else 0.  The 0/1 mask is min(Y * 2^127, 1): two vectorised kernels,
-    # where Greater + Cast (bool -> float, not vectorised) cost twice as
-    # much.  Exact for every Y >= 2^-127, i.e. all but the smallest
-    # subnormal activations; for those the mask is Y * 2^127 < 1.
+    # ReluGrad(dY, V): dY where V > 0, else 0.  The builder passes the ReLU's
+    # output or, in some graphs (ReLU feeding MaxPool or Concat), its input:
+    # V > 0 is the mask of both.
     "ReluGrad": """
-relu_grad (float[] dY, float[] Y) => (float[] dX) {{
-    big_f = Constant<value = float {{1.7014118346046923e38}}>()
-    one_f = Constant<value = float {{1}}>()
-    big = CastLike(big_f, Y)
-    one = CastLike(one_f, Y)
-    scaled = Mul(Y, big)
-    mask = Min(scaled, one)
+relu_grad (float[] dY, float[] V) => (float[] dX) {{
+    zero_f = Constant<value = float {{0}}>()
+    zero = CastLike(zero_f, V)
+    active = Greater(V, zero)
+    mask = CastLike(active, V)
     dX = Mul(dY, mask)
 }}
 """,
@@ -287,9 +373,9 @@ scale (float[] X, float[] s) => (float[] Y) {{{{
 def rewrite_training_ops(model):
     """Replace training-only ``com.microsoft`` gradient kernels by standard ops.
 
-    ReluGrad, SigmoidGrad, TanhGrad and Scale are rewritten (bit-identical
-    results); other training-only operators (YieldOp, ConvGrad, ...) are
-    kept, so such graphs still need the training build at run time.
+    ReluGrad, SigmoidGrad, TanhGrad and Scale are rewritten; other
+    training-only operators (ConvGrad, MaxPoolGrad, ...) are kept, so such
+    graphs still need the training build at run time.
 
     Parameters
     ----------
@@ -477,267 +563,3 @@ def rewrite_bias_gradients(model, wrt_names):
     del graph.node[:]
     graph.node.extend(new_nodes)
     return model
-
-
-# -- Forward and backward as two calls: OrtModuleGraphBuilder + TrainingAgent --
-# Facts this section relies on (onnxruntime-training-cpu 1.19.2, checked by
-# tests/test_function.py):
-#
-# * ``OrtModuleGraphBuilder`` turns the listed weights into graph inputs placed
-#   after the user inputs, in the order given (weights that already are graph
-#   inputs work the same); the gradient graph returns the input gradients,
-#   then the weight gradients in that order, and holds a ``YieldOp`` between
-#   forward and backward;
-# * ``TrainingAgent`` splits that graph at the YieldOp: ``run_forward`` gives
-#   the model outputs, ``run_backward`` takes dL/d(outputs) and gives the
-#   gradients; each forward/backward pair needs its own
-#   ``PartialGraphExecutionState``;
-# * the session needs ``enable_mem_pattern=False``: otherwise the buffers of
-#   the forward outputs are overwritten by the backward or by later steps;
-# * an OrtValue made from a numpy array shares its memory but holds no
-#   reference to it: callers keep the arrays alive until the backward ran;
-# * the agent checks neither dtypes nor shapes (a dY of shape (n,) for an
-#   output of shape (n, 1) is accepted): callers validate;
-# * an ``OrtValueVector`` is read by index (0.4 us); iterating it costs 20 us.
-
-
-class ModuleGradientGraph:
-    """A model's forward and backward pass as one graph split at a YieldOp.
-
-    Made by :func:`build_module_gradient`; run by
-    :class:`TrainingAgentRunner`.
-
-    Attributes
-    ----------
-    model : onnx.ModelProto
-        The gradient graph.
-    input_names : list of str
-        The model's own inputs.
-    output_names : list of str
-        The model's outputs, as ``run_forward`` returns them.
-    weight_names : list of str
-        Differentiated weights, graph inputs after ``input_names``.
-    forward_input_names : list of str
-        What ``run_forward`` reads: ``input_names + weight_names``.
-    output_gradient_names : list of str
-        dL/d(output) per output, what ``run_backward`` reads.
-    backward_output_names : list of str
-        What ``run_backward`` returns, in order: the input gradients, then
-        ``weight_gradient_names``.
-    weight_gradient_names : list of str
-        One per weight, in the order of ``weight_names``.
-    input_gradient_names : dict of str -> str
-        Input name -> name of its gradient, for the inputs differentiated.
-    dtype : numpy dtype
-        Element type of the weights (of the first one).
-    """
-
-    def __init__(self, model, graph_info):
-        self.model = model
-        self.input_names = list(graph_info.user_input_names)
-        self.output_names = list(graph_info.user_output_names)
-        self.weight_names = list(graph_info.initializer_names_to_train)
-        self.forward_input_names = [i.name for i in model.graph.input]
-        self.output_gradient_names = list(graph_info.module_output_gradient_name)
-        self.backward_output_names = [o.name for o in model.graph.output]
-        self.weight_gradient_names = list(graph_info.initializer_grad_names_to_train)
-        self.input_gradient_names = dict(graph_info.user_input_grad_names)
-        expected = self.input_names + list(graph_info.initializer_names)
-        if self.forward_input_names != expected:  # pragma: no cover - builder change
-            raise RuntimeError(
-                "Unexpected input order in the gradient graph of onnxruntime-training: "
-                f"{self.forward_input_names} instead of {expected}."
-            )
-        weights = [v for v in model.graph.input if v.name in set(self.weight_names)]
-        elem = weights[0].type.tensor_type.elem_type if weights else TensorProto.FLOAT
-        self.dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-
-
-def build_module_gradient(model, weight_names, input_names_with_gradient=(), rewrite=True):
-    """Build forward and backward of ``model`` as two callable halves.
-
-    Parameters
-    ----------
-    model : onnx.ModelProto
-        Graph computing the outputs from its inputs and the weights; each
-        weight is an initializer or a graph input with a static shape.
-    weight_names : list of str
-        Weights to differentiate with respect to, in the order the forward
-        call takes them and the backward call returns their gradients.
-    input_names_with_gradient : sequence of str, default=()
-        Graph inputs whose gradient the backward call returns as well.
-    rewrite : bool, default=True
-        Apply :func:`rewrite_training_ops` (and the bias-gradient rewrite)
-        to the gradient graph.
-
-    Returns
-    -------
-    ModuleGradientGraph
-
-    Raises
-    ------
-    ValueError
-        When an operator on the path from the weights to the outputs has no
-        registered gradient.
-    """
-    check_training_runtime()
-    config = _C.OrtModuleGraphBuilderConfiguration()
-    config.initializer_names = list(weight_names)
-    config.initializer_names_to_train = list(weight_names)
-    config.input_names_require_grad = list(input_names_with_gradient)
-    config.build_gradient_graph = True
-    builder = _C.OrtModuleGraphBuilder()
-    try:
-        builder.initialize(model.SerializeToString(), config)
-        builder.build(_C.TrainingGraphTransformerConfiguration())
-    except Exception as exc:  # RuntimeError / Fail from the C++ side
-        raise ValueError(_explain_gradient_failure(model, exc)) from exc
-    gradient_model = onnx.load_from_string(builder.get_gradient_model())
-    gradient_model.ir_version = min(model.ir_version, gradient_model.ir_version)
-    replace_fused_matmul(gradient_model)
-    if rewrite:
-        rewrite_training_ops(gradient_model)
-        rewrite_bias_gradients(gradient_model, weight_names)
-        fold_cast_like(gradient_model)
-    return ModuleGradientGraph(gradient_model, builder.get_graph_info())
-
-
-def _cpu_device():
-    return _C.OrtDevice(_C.OrtDevice.cpu(), _C.OrtDevice.default_memory(), 0)
-
-
-class TrainingAgentRunner:
-    """Session and ``TrainingAgent`` running a :class:`ModuleGradientGraph`.
-
-    Parameters
-    ----------
-    gradient_graph : ModuleGradientGraph
-    n_threads : int, default=1
-        onnxruntime intra-op threads.
-
-    Notes
-    -----
-    The runner holds no per-call state: several forward/backward pairs may
-    be in flight, each with its own state from :meth:`new_state`, and one
-    runner may serve several engines or functions.  The values given to
-    :meth:`run_forward` are read again by :meth:`run_backward`: keep them
-    (and the arrays behind them) alive and unchanged in between.
-    """
-
-    def __init__(self, gradient_graph, n_threads=1):
-        check_training_runtime()
-        self.graph = gradient_graph
-        self.n_threads = int(n_threads)
-        options = session_options(n_threads)
-        # Required: with memory patterns the forward outputs' buffers are
-        # reused by the backward (see the notes above this section).
-        options.enable_mem_pattern = False
-        kwargs = {}
-        if gradient_graph.dtype == np.float64:
-            kwargs["disabled_optimizers"] = _FLOAT64_DISABLED_OPTIMIZERS
-        self.session = onnxruntime.InferenceSession(
-            gradient_graph.model.SerializeToString(), options,
-            providers=["CPUExecutionProvider"], **kwargs,
-        )
-        device = _cpu_device()
-        self._agent = _C.TrainingAgent(
-            self.session._sess,
-            gradient_graph.forward_input_names,
-            [device] * len(gradient_graph.output_names),
-            gradient_graph.backward_output_names,
-            [device] * len(gradient_graph.backward_output_names),
-            0,
-        )
-        self._run_forward = self._agent.run_forward
-        self._run_backward = self._agent.run_backward
-
-    @staticmethod
-    def new_state():
-        """A fresh execution state, for one forward/backward pair."""
-        return _C.PartialGraphExecutionState()
-
-    def run_forward(self, inputs, outputs, state):
-        """Run the forward half.
-
-        Parameters
-        ----------
-        inputs : OrtValueVector
-            One value per name of ``graph.forward_input_names``.
-        outputs : OrtValueVector
-            Empty (onnxruntime allocates the outputs) or holding one
-            preallocated value of the exact output shape per output, which
-            onnxruntime then writes into.
-        state : PartialGraphExecutionState
-            From :meth:`new_state`; pass it to :meth:`run_backward`.
-        """
-        self._run_forward(inputs, outputs, state, None)
-
-    def run_backward(self, output_gradients, outputs, state):
-        """Run the backward half of the forward run with ``state``.
-
-        Parameters
-        ----------
-        output_gradients : OrtValueVector
-            dL/d(output) per output, same shapes and types as the outputs.
-        outputs : OrtValueVector
-            Empty or preallocated (see :meth:`run_forward`), one value per
-            name of ``graph.backward_output_names``.
-        state : PartialGraphExecutionState
-        """
-        self._run_backward(output_gradients, outputs, state)
-
-
-_ORT_TENSOR_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64)}
-
-
-def new_ortvalue_vector():
-    """An empty ``OrtValueVector``."""
-    return _C.OrtValueVector()
-
-
-def ortvalue_vector(values):
-    """An ``OrtValueVector`` of ``values`` (see :func:`as_ortvalue`).
-
-    Numpy arrays are shared, not copied, and not referenced: keep them alive
-    as long as the vector is used.
-    """
-    vector = _C.OrtValueVector()
-    vector.reserve(len(values))
-    for value in values:
-        vector.push_back(as_ortvalue(value))
-    return vector
-
-
-def as_ortvalue(value):
-    """The low-level OrtValue of ``value``.
-
-    Parameters
-    ----------
-    value : ndarray, onnxruntime.OrtValue or low-level OrtValue
-        A C-contiguous array is shared, not copied, and not referenced by
-        the result: keep it alive as long as the result is used.
-    """
-    if isinstance(value, _C.OrtValue):
-        return value
-    if isinstance(value, onnxruntime.OrtValue):
-        return value._ortvalue
-    if not (isinstance(value, np.ndarray) and value.flags.c_contiguous):
-        raise TypeError(
-            f"Expected a C-contiguous numpy array or an OrtValue, got {type(value).__name__}."
-        )
-    return _C.OrtValue.ortvalue_from_numpy(value, _cpu_device())
-
-
-def is_ortvalue(value):
-    """Whether ``value`` is an OrtValue (public wrapper or low-level)."""
-    return isinstance(value, (onnxruntime.OrtValue, _C.OrtValue))
-
-
-def public_ortvalue(value):
-    """Wrap a low-level OrtValue as an ``onnxruntime.OrtValue``."""
-    return onnxruntime.OrtValue(value)
-
-
-def ortvalue_dtype(value):
-    """Numpy dtype of a float or double tensor OrtValue, else None."""
-    return _ORT_TENSOR_TYPES.get(value.data_type())

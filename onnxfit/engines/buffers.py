@@ -1,0 +1,118 @@
+"""The memory an engine trains in: batch buffers and flat weight vectors.
+
+Batches are gathered into fixed buffers (:class:`BatchBuffers`) and weights
+and update-rule state live in flat vectors (:class:`WeightSet`), all bound to
+onnxruntime through IO binding, which shares their memory: no copy of the
+data set per epoch, no allocation per step.
+"""
+
+import numpy as np
+
+from .problem import FLAT_WEIGHTS, flat_state_name, state_value_name
+
+
+class BatchBuffers:
+    """Fixed, pre-allocated buffers for one batch size.
+
+    Each shuffled batch is gathered into the same memory
+    (``np.take(..., out=...)``), which onnxruntime reads through IO binding:
+    no copy of the whole data set per epoch, no allocation per step.
+
+    Attributes
+    ----------
+    size : int
+    X, label, sample_weight : ndarray
+        The gathered batch (see :meth:`gather`).
+    bound : object
+        What the engine bound to these buffers (its sessions' IO bindings
+        and its own per-batch buffers), set by the engine.
+    """
+
+    def __init__(self, problem, batch_size):
+        self.size = batch_size
+        self.problem = problem
+        self.X = None
+        self.label = None
+        self.sample_weight = None
+        self.bound = None
+
+    def allocate(self, n_features):
+        """Allocate the buffers for data ``n_features`` wide."""
+        problem = self.problem
+        self.X = np.empty((self.size, n_features), dtype=problem.input_dtype)
+        self.label = np.empty((self.size,) + tuple(problem.label_shape), dtype=problem.dtype)
+        # The losses take the weights divided by the batch size and shaped to
+        # broadcast against the prediction (see onnxfit.losses).
+        self.sample_weight = np.full(
+            (self.size,) + (1,) * len(problem.label_shape), 1.0 / self.size, dtype=problem.dtype
+        )
+        self._weight_column = self.sample_weight.reshape(self.size)  # a view
+        self.uniform_weights = True
+        self._one_hot_rows = None  # made when labels come as column indices
+        self._label_index = None
+
+    def gather(self, X, label, sample_weight, indices):
+        """Copy the rows ``indices`` into the buffers.
+
+        ``sample_weight=None`` means uniform weights: the buffer keeps
+        ``1 / batch_size`` instead of being gathered at every step.
+        """
+        # mode="clip" avoids numpy's extra buffering of mode="raise" (the
+        # indices come from a permutation, so they are always in range); the
+        # ndarray method skips np.take's Python wrapper, which costs about as
+        # much as gathering a small batch.
+        X.take(indices, axis=0, out=self.X, mode="clip")
+        if label.dtype.kind in "iu":  # column indices of one-hot labels
+            if self._label_index is None or self._label_index.dtype != label.dtype:
+                self._label_index = np.empty(self.size, dtype=label.dtype)
+                shape = tuple(self.problem.label_shape)
+                width = int(np.prod(shape))
+                self._one_hot_rows = np.eye(width, dtype=self.problem.dtype).reshape(
+                    (width,) + shape)
+            label.take(indices, axis=0, out=self._label_index, mode="clip")
+            self._one_hot_rows.take(self._label_index, axis=0, out=self.label, mode="clip")
+        else:
+            label.take(indices, axis=0, out=self.label, mode="clip")
+        column = self._weight_column
+        if sample_weight is None:
+            if not self.uniform_weights:
+                column.fill(1.0 / self.size)
+                self.uniform_weights = True
+        else:
+            sample_weight.take(indices, axis=0, out=column, mode="clip")
+            column *= 1.0 / self.size
+            self.uniform_weights = False
+
+
+class WeightSet:
+    """The weights and the update-rule state of a model, each a flat vector.
+
+    The update rule reads and writes flat vectors
+    (:func:`onnxfit.engines.steps.append_update`); the model reads each
+    weight as its own tensor, a view into the flat vector (no copy:
+    onnxruntime reads the same memory).
+
+    Parameters
+    ----------
+    problem : TrainingProblem
+
+    Attributes
+    ----------
+    flat : dict
+        ``FLAT_WEIGHTS`` and each ``flat_state_name(s)`` -> 1-D array.
+    views : dict
+        Each weight name and ``state_value_name(weight, s)`` -> view of the
+        weight's shape into the flat vectors.
+    """
+
+    def __init__(self, problem):
+        offsets = problem.weight_offsets()
+        self.flat, self.views = {}, {}
+        for key, state in [(FLAT_WEIGHTS, None)] + [
+            (flat_state_name(s), s) for s in problem.state_names
+        ]:
+            flat = np.zeros(problem.n_weights, dtype=problem.dtype)
+            self.flat[key] = flat
+            for weight, (start, stop) in offsets.items():
+                name = weight if state is None else state_value_name(weight, state)
+                self.views[name] = flat[start:stop].reshape(problem.weight_shapes[weight])

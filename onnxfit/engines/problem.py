@@ -1,0 +1,123 @@
+"""What a training engine is asked to do, and the names of what it adds.
+
+A :class:`TrainingProblem` gathers everything both engines build their graphs
+from: the model's forward graph, the weights, the loss, the penalty, the
+update rule and the gradient backend.  The reserved names below are the
+values the engines add around the model (labels, sample weights, the
+learning rate, the loss, the flat weight and gradient vectors).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+#: Reserved names of the values the engines add around the model.
+LABEL = "onnxfit.label"
+SAMPLE_WEIGHT = "onnxfit.sample_weight"
+LEARNING_RATE = "onnxfit.learning_rate"
+LOSS = "onnxfit.loss"
+DATA_LOSS = "onnxfit.data_loss"
+PENALTY = "onnxfit.penalty"
+#: The flat vector holding every trained weight, one after the other.
+FLAT_WEIGHTS = "onnxfit.weights"
+#: The flat vector of the objective's gradient, in the same order.
+FLAT_GRADIENT = "onnxfit.gradient"
+
+
+def state_value_name(weight, state):
+    """Name of the update-rule state tensor ``state`` of ``weight``."""
+    return f"{weight}.{state}"
+
+
+def flat_state_name(state):
+    """Name of the flat vector holding the update-rule state ``state``."""
+    return state_value_name(FLAT_WEIGHTS, state)
+
+
+def updated_name(name):
+    """Name of the value that replaces ``name`` after a training step."""
+    return f"{name}.new"
+
+
+@dataclass
+class TrainingProblem:
+    """Everything an engine needs to build its graphs.
+
+    Attributes
+    ----------
+    forward_model : onnx.ModelProto
+        The model with inputs ``[input_name] + weight_names`` and the single
+        output ``output_name`` (see :meth:`onnxfit.model.OnnxModel.forward_model`).
+    input_name, output_name : str
+    weight_names : list of str
+    weight_shapes : dict of str -> tuple
+    dtype : numpy dtype
+        Element type of the output, labels, weights and updates.
+    input_dtype : numpy dtype
+        Element type of X.
+    label_shape : tuple
+        Shape of one sample's label (the model output without its batch
+        dimension).
+    loss : onnxfit.losses.BaseLoss
+    penalty : onnxfit.penalties.ElasticNetPenalty or None
+    learning_rate : onnxfit.learning_rate.BaseLearningRate
+    n_threads : int or None
+    gradient_backend : str
+        Name of the gradient backend (see :mod:`onnxfit.gradient`).
+    penalized : list of str
+        The weights the penalty applies to (set from ``penalty``).
+    """
+
+    forward_model: onnx.ModelProto
+    input_name: str
+    output_name: str
+    weight_names: list
+    weight_shapes: dict
+    dtype: np.dtype
+    input_dtype: np.dtype
+    label_shape: tuple
+    loss: object
+    penalty: object
+    learning_rate: object
+    n_threads: int = 1
+    gradient_backend: str = "onnxfit"
+    penalized: list = field(init=False)
+
+    def __post_init__(self):
+        self.dtype = np.dtype(self.dtype)
+        self.input_dtype = np.dtype(self.input_dtype)
+        if self.penalty is None:
+            self.penalized = []
+        else:
+            self.penalized = [
+                n for n in self.weight_names if self.penalty.applies_to(self.weight_shapes[n])
+            ]
+
+    @property
+    def state_names(self):
+        """Names of the update rule's state tensors."""
+        return tuple(self.learning_rate.state_names)
+
+    @property
+    def n_weights(self):
+        """Number of trained values, all weights together."""
+        return sum(int(np.prod(self.weight_shapes[w])) for w in self.weight_names)
+
+    def weight_offsets(self):
+        """``(start, stop)`` of each weight in the flat vectors, in order."""
+        offsets, start = {}, 0
+        for weight in self.weight_names:
+            stop = start + int(np.prod(self.weight_shapes[weight]))
+            offsets[weight] = (start, stop)
+            start = stop
+        return offsets
+
+    def penalty_mask(self):
+        """A flat vector of 1 where the weight is penalized, 0 elsewhere."""
+        mask = np.zeros(self.n_weights, dtype=self.dtype)
+        penalized = set(self.penalized)
+        for weight, (start, stop) in self.weight_offsets().items():
+            if weight in penalized:
+                mask[start:stop] = 1
+        return mask

@@ -1,0 +1,295 @@
+"""Rules of convolutions and pooling (1-D, 2-D, and any other spatial rank).
+
+* Conv: dX is a ConvTranspose of dY with the same weights; dW is a Conv
+  whose "batch" is the input's channels and whose kernel is dY (strides and
+  dilations swap roles), per group.
+* ConvTranspose: the adjoint of the above (dX is a Conv).
+* MaxPool: dY goes back to the positions of the maxima, which MaxPool's own
+  second output (flat indices) gives.
+* AveragePool: dY divided by each window's divisor, spread over the window
+  by a ConvTranspose with a kernel of ones; the divisor is the one
+  onnxruntime uses, read off an AveragePool of ones (count_include_pad and
+  ceil_mode both ways).
+"""
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from .registry import NotDifferentiable, rule
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _kernel(g, node, w=None):
+    kernel = node.attr("kernel_shape")
+    if kernel is None and w is not None:
+        shape = g.static_shape(w)
+        if shape is not None:
+            kernel = shape[2:]
+    if kernel is None:
+        raise NotDifferentiable("the kernel's shape is unknown before run time.")
+    return [int(k) for k in kernel]
+
+
+def _geometry(g, node, x, kernel):
+    """Strides, dilations and explicit pads ``[begins..., ends...]`` of a
+    convolution or pooling node, ``auto_pad`` resolved."""
+    rank = len(kernel)
+    strides = [int(s) for s in node.attr("strides") or [1] * rank]
+    dilations = [int(d) for d in node.attr("dilations") or [1] * rank]
+    auto_pad = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "NOTSET":
+        return strides, dilations, [int(p) for p in node.attr("pads") or [0] * (2 * rank)]
+    if auto_pad == "VALID":
+        return strides, dilations, [0] * (2 * rank)
+    shape = g.static_shape(x)
+    if shape is None:
+        raise NotDifferentiable(
+            f"auto_pad={auto_pad} on an input whose spatial size is unknown before run "
+            "time; export the graph with explicit pads."
+        )
+    begins, ends = [], []
+    for size, k, s, d in zip(shape[2:], kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return strides, dilations, begins + ends
+
+
+def _spatial_axes(rank):
+    return list(range(2, 2 + rank))
+
+
+def _fit_spatial(g, value, x, produced=None):
+    """``value`` with its spatial dimensions cut or zero-padded at the end to
+    those of ``x`` (``produced``: the spatial size of ``value`` when known)."""
+    x_shape = g.static_shape(x)
+    rank = len(produced) if produced is not None else g.rank(x) - 2
+    axes = _spatial_axes(rank)
+    if x_shape is not None and produced is not None:
+        target = list(x_shape[2:])
+        if target == list(produced):
+            return value
+        if any(p > t for p, t in zip(produced, target)):
+            value = g.Slice(value, g.ints([0] * rank), g.ints(target), g.ints(axes))
+        missing = [max(0, t - p) for p, t in zip(produced, target)]
+        if any(missing):
+            value = g.Pad(value, g.ints([0] * (2 + rank) + [0, 0] + missing))
+        return value
+    target = g.Shape(x, start=2)
+    value = g.Slice(value, g.ints([0] * rank), target, g.ints(axes))
+    missing = g.Sub(target, g.Shape(value, start=2))
+    return g.Pad(value, g.Concat(g.ints([0] * (2 + rank) + [0, 0]), missing, axis=0))
+
+
+def _transposed_size(g, value, kernel, strides, dilations, pads):
+    """Spatial size of a ConvTranspose of ``value`` (None when not static)."""
+    shape = g.static_shape(value)
+    if shape is None:
+        return None
+    rank = len(kernel)
+    return [s * (n - 1) + (k - 1) * d + 1 - pads[i] - pads[rank + i]
+            for i, (n, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations))]
+
+
+def _input_gradient(g, dy, w, x, y, kernel, strides, dilations, pads, group):
+    """dX of a Conv: a ConvTranspose of dY, fitted to X's spatial size (X's
+    last positions, which no window reached when the stride does not divide
+    its size, get zeros)."""
+    spread = g.ConvTranspose(dy, w, strides=strides, dilations=dilations, pads=pads,
+                             group=group)
+    return _fit_spatial(g, spread, x, _transposed_size(g, y, kernel, strides, dilations, pads))
+
+
+def _weight_gradient(g, inp, dout, kernel, strides, dilations, pads, group, per_group):
+    """``dW[m, c, k] = sum over n, o of dout[n, m, o] inp[n, G(m) + c, o s + k d - pad]``.
+
+    Written as one Conv: the input's channels become its batch (grouped
+    channels stacked as ``(per_group, group * N, ...)``), ``dout`` transposed
+    to ``(M, N, ...)`` is the kernel, and the forward strides and dilations
+    swap roles.  The result is cut to the kernel's size.
+    """
+    rank = len(kernel)
+    spatial = _spatial_axes(rank)
+    if group == 1:
+        stacked = g.Transpose(inp, perm=[1, 0] + spatial)
+    else:
+        split = g.Reshape(inp, g.Concat(g.Shape(inp, start=0, end=1),
+                                        g.ints([group, per_group]), g.Shape(inp, start=2),
+                                        axis=0))
+        moved = g.Transpose(split, perm=[2, 1, 0] + [a + 1 for a in spatial])
+        stacked = g.Reshape(moved, g.Concat(g.ints([per_group, -1]), g.Shape(inp, start=2),
+                                            axis=0))
+    kernels = g.Transpose(dout, perm=[1, 0] + spatial)
+    out = g.Conv(stacked, kernels, strides=dilations, dilations=strides, pads=pads, group=group)
+    dw = g.Transpose(out, perm=[1, 0] + spatial)
+    return g.Slice(dw, g.ints([0] * rank), g.ints(kernel), g.ints(spatial))
+
+
+def _bias_gradient(g, dy, rank):
+    return g.reduce("ReduceSum", dy, [0] + _spatial_axes(rank), keepdims=0)
+
+
+def _channels_per_group(g, w):
+    shape = g.static_shape(w)
+    if shape is None:
+        raise NotDifferentiable("the weight's shape is unknown before run time.")
+    return shape[1]
+
+
+@rule("Conv")
+def conv(g, node, dys):
+    dy, = dys
+    x, w = node.input[:2]
+    y = node.output[0]
+    kernel = _kernel(g, node, w)
+    group = node.attr("group", 1)
+    strides, dilations, pads = _geometry(g, node, x, kernel)
+    grads = [None] * len(node.input)
+    if node.needs(0):
+        grads[0] = _input_gradient(g, dy, w, x, y, kernel, strides, dilations, pads, group)
+    if node.needs(1):
+        grads[1] = _weight_gradient(g, x, dy, kernel, strides, dilations, pads, group,
+                                    _channels_per_group(g, w))
+    if node.has_input(2) and node.needs(2):
+        grads[2] = _bias_gradient(g, dy, len(kernel))
+    return grads
+
+
+def _transpose_pads(g, node, x, y, kernel, strides, dilations):
+    """Explicit pads of a ConvTranspose (auto_pad and output_shape resolved
+    with the equations of the ONNX specification)."""
+    rank = len(kernel)
+    auto_pad = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "NOTSET" and node.attr("output_shape") is None:
+        return [int(p) for p in node.attr("pads") or [0] * (2 * rank)]
+    if auto_pad == "VALID":
+        return [0] * (2 * rank)
+    x_shape, y_shape = g.static_shape(x), g.static_shape(y)
+    if x_shape is None or y_shape is None:
+        raise NotDifferentiable(
+            "ConvTranspose with auto_pad or output_shape on inputs whose spatial size is "
+            "unknown before run time; export it with explicit pads."
+        )
+    padding = node.attr("output_padding") or [0] * rank
+    begins, ends = [], []
+    for i in range(rank):
+        total = (strides[i] * (x_shape[2 + i] - 1) + padding[i]
+                 + (kernel[i] - 1) * dilations[i] + 1 - y_shape[2 + i])
+        if auto_pad == "SAME_UPPER":
+            begins.append(total // 2)
+            ends.append(total - total // 2)
+        else:
+            begins.append(total - total // 2)
+            ends.append(total // 2)
+    return begins + ends
+
+
+@rule("ConvTranspose")
+def conv_transpose(g, node, dys):
+    dy, = dys
+    x, w = node.input[:2]
+    y = node.output[0]
+    kernel = _kernel(g, node, w)
+    group = node.attr("group", 1)
+    strides = [int(s) for s in node.attr("strides") or [1] * len(kernel)]
+    dilations = [int(d) for d in node.attr("dilations") or [1] * len(kernel)]
+    pads = _transpose_pads(g, node, x, y, kernel, strides, dilations)
+    grads = [None] * len(node.input)
+    if node.needs(0):
+        gathered = g.Conv(dy, w, strides=strides, dilations=dilations, pads=pads, group=group)
+        y_shape = g.static_shape(y)
+        produced = None if y_shape is None else [
+            (n + pads[i] + pads[len(kernel) + i] - (k - 1) * d - 1) // s + 1
+            for i, (n, k, s, d) in enumerate(zip(y_shape[2:], kernel, strides, dilations))]
+        grads[0] = _fit_spatial(g, gathered, x, produced)
+    if node.needs(1):
+        grads[1] = _weight_gradient(g, dy, x, kernel, strides, dilations, pads, group,
+                                    _channels_per_group(g, w))
+    if node.has_input(2) and node.needs(2):
+        grads[2] = _bias_gradient(g, dy, len(kernel))
+    return grads
+
+
+def _scatter_flat(g, x, indices, dy):
+    """Zeros shaped like ``x`` with ``dy`` added at the flat ``indices``."""
+    zeros = g.zeros(g.Unsqueeze(g.Size(x), g.ints([0])), like=dy)
+    flat = g.ScatterElements(zeros, g.Reshape(indices, g.ints([-1])),
+                             g.Reshape(dy, g.ints([-1])), axis=0, reduction="add")
+    return g.Reshape(flat, g.shape_tensor(x))
+
+
+@rule("MaxPool")
+def max_pool(g, node, dys):
+    dy = dys[0]
+    x = node.input[0]
+    if node.attr("storage_order", 0) == 0:
+        indices = g.forward_output(node, 1, TensorProto.INT64)
+    else:  # the indices must be row-major: ask a second MaxPool for them
+        attributes = {a.name: node.attr(a.name) for a in node.proto.attribute}
+        attributes["storage_order"] = 0
+        _, indices = g.MaxPool(x, n_outputs=2, **attributes)
+        g.types[indices] = TensorProto.INT64
+    return [_scatter_flat(g, x, indices, dy)]
+
+
+@rule("AveragePool")
+def average_pool(g, node, dys):
+    dy, = dys
+    x, y = node.input[0], node.output[0]
+    kernel = _kernel(g, node)
+    rank = len(kernel)
+    strides, dilations, pads = _geometry(g, node, x, kernel)
+    ones = np.ones([1, 1] + kernel, dtype=np.float32)
+    window = g.constant(ones, like=y)
+    if node.attr("count_include_pad", 0) and not node.attr("ceil_mode", 0):
+        scaled = g.Div(dy, g.constant(float(np.prod(kernel)), like=y))
+    else:
+        # 1 / divisor of each window, as onnxruntime computes it: an
+        # AveragePool of ones gives (elements in the window) / divisor, and
+        # a Conv of ones counts the elements in the window.
+        ones_x = g.ConstantOfShape(g.Concat(g.ints([1, 1]), g.Shape(x, start=2), axis=0),
+                                   value=_typed_one(g, y))
+        attributes = {a.name: node.attr(a.name) for a in node.proto.attribute}
+        pooled = g.AveragePool(ones_x, **attributes)
+        extra = [s - 1 if node.attr("ceil_mode", 0) else 0 for s in strides]
+        counted = g.Conv(ones_x, window, strides=strides, dilations=dilations,
+                         pads=pads[:rank] + [p + e for p, e in zip(pads[rank:], extra)])
+        counted = g.Slice(counted, g.ints([0] * rank), g.Shape(y, start=2),
+                          g.ints(_spatial_axes(rank)))
+        counted = g.Max(counted, g.constant(1.0, like=y))
+        scaled = g.Mul(dy, g.Div(pooled, counted))
+    rows = g.Reshape(scaled, g.Concat(g.ints([-1, 1]), g.Shape(dy, start=2), axis=0))
+    spread = g.ConvTranspose(rows, window, strides=strides, dilations=dilations, pads=pads)
+    spread = _fit_spatial(g, spread, x, _transposed_size(g, y, kernel, strides, dilations, pads))
+    return [g.Reshape(spread, g.shape_tensor(x))]
+
+
+def _typed_one(g, like):
+    dtype = helper.tensor_dtype_to_np_dtype(g.elem_type(like) or TensorProto.FLOAT)
+    return numpy_helper.from_array(np.ones(1, dtype=dtype))
+
+
+@rule("GlobalAveragePool")
+def global_average_pool(g, node, dys):
+    x, y = node.input[0], node.output[0]
+    shape = g.static_shape(x)
+    if shape is not None:
+        count = g.constant(float(np.prod(shape[2:])), like=y)
+    else:
+        count = g.CastLike(g.Div(g.Size(x), g.Size(y)), y)
+    return [g.Expand(g.Div(dys[0], count), g.shape_tensor(x))]
+
+
+@rule("GlobalMaxPool")
+def global_max_pool(g, node, dys):
+    # dY goes to the maxima of each channel, shared between ties.
+    x, y = node.input[0], node.output[0]
+    rank = g.rank(x)
+    if rank is None:
+        raise NotDifferentiable("GlobalMaxPool on a value of unknown rank.")
+    mask = g.Cast(g.Equal(x, y), to=g.elem_type(x))
+    ties = g.reduce("ReduceSum", mask, _spatial_axes(rank - 2), keepdims=1)
+    return [g.Mul(mask, g.Div(dys[0], ties))]

@@ -1,0 +1,59 @@
+"""The table of vector-Jacobian rules, and what a rule receives.
+
+A rule differentiates one ONNX operator: given the node and the cotangent of
+each of its outputs (dL/dY, the name of a value, or None when that output
+does not reach the loss), it writes the nodes computing the cotangent of
+each input (dL/dX) and returns their names, None for inputs that need none.
+Rules are registered by operator name with :func:`rule`, as PyTorch's
+``derivatives.yaml`` or JAX's ``ad`` rules, and write only default-domain
+ONNX operators, so any onnxruntime build runs the result.
+
+A rule writes through its first argument, a ``RuleContext``
+(:mod:`onnxfit.gradient.own`): ``g.Mul(a, b)`` appends a node and returns its
+output; ``g.constant(0.5, like=x)`` is a constant of ``x``'s type;
+``g.shape(x)`` is the static shape inference found; ``g.sum_to(dy, x, y)``
+reduces a cotangent shaped like the broadcast result ``y`` back to ``x``'s
+shape.  A rule that cannot handle a configuration of its operator raises
+:class:`NotDifferentiable` with the reason: the graph is then refused before
+training, with the node and the weights behind it named.
+"""
+
+#: Operator name -> rule function ``rule(g, node, dys) -> list``.
+RULES = {}
+
+#: Operators whose outputs have a zero derivative almost everywhere (or no
+#: float output): nothing flows back through them, as in PyTorch.  A weight
+#: whose every path to the loss crosses one of them would never move, and is
+#: refused.
+ZERO_DERIVATIVE = frozenset({
+    "Shape", "Size", "ConstantOfShape", "Constant", "Range", "EyeLike", "OneHot",
+    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
+    "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero",
+    "Floor", "Ceil", "Round", "Sign", "Hardmax",
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+})
+
+
+class NotDifferentiable(Exception):
+    """A rule cannot differentiate this configuration of its operator.
+
+    The message says why (and, where there is one, what works instead).
+    """
+
+
+def rule(*op_types):
+    """Register the decorated function as the rule of ``op_types``."""
+
+    def register(function):
+        for op_type in op_types:
+            if op_type in RULES:  # pragma: no cover - a programming error
+                raise ValueError(f"Two rules for {op_type}.")
+            RULES[op_type] = function
+        return function
+
+    return register
+
+
+def differentiable_ops():
+    """Names of the operators onnxfit differentiates, sorted."""
+    return sorted(RULES)

@@ -1,0 +1,201 @@
+"""onnxruntime sessions and tensors: the one module that creates them.
+
+Everything that runs a graph -- the estimators' predictions, the training
+engines, :class:`onnxfit.OnnxFunction`, the gradient backends -- creates its
+sessions here, so that one place decides the session options, checks that a
+usable onnxruntime build is installed, and knows the limits of that build
+(the highest IR version and opset it loads).
+
+onnxfit runs on any onnxruntime build that installs the ``onnxruntime``
+Python package: the plain CPU build, onnxruntime-gpu, onnxruntime-directml,
+onnxruntime-openvino, or the last training build (onnxruntime-training-cpu
+1.19.2).  They all own the same ``onnxruntime/`` folder, so onnxfit depends
+on none of them by default (see the installation notes in the README).
+"""
+
+import functools
+import re
+
+import numpy as np
+import onnx
+
+try:
+    import onnxruntime
+except ImportError as exc:  # pragma: no cover - exercised by hand, not in CI
+    raise ImportError(
+        "onnxfit needs onnxruntime, and none is installed. Install the build that "
+        "fits your machine: pip install 'onnxfit[cpu]' (plain onnxruntime), "
+        "'onnxfit[gpu]' (onnxruntime-gpu), or one of onnxruntime-directml / "
+        "onnxruntime-openvino yourself."
+    ) from exc
+
+#: Oldest onnxruntime release onnxfit supports (LayerNormalization,
+#: ScatterElements with reduction='add', opset 17).
+MIN_ONNXRUNTIME = (1, 17)
+
+#: Optimizers disabled for float64 graphs: onnxruntime-training 1.19.2 fuses
+#: transposed MatMuls into FusedMatMul, whose CPU kernel is float32 only.
+_FLOAT64_DISABLED_OPTIMIZERS = ["MatmulTransposeFusion"]
+
+
+def onnxruntime_version():
+    """The installed onnxruntime version as a tuple of ints, e.g. ``(1, 32, 0)``."""
+    parts = re.findall(r"\d+", onnxruntime.__version__)[:3]
+    return tuple(int(p) for p in parts)
+
+
+def check_onnxruntime():
+    """Raise ImportError when the installed onnxruntime is too old."""
+    if onnxruntime_version()[:2] < MIN_ONNXRUNTIME:
+        wanted = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise ImportError(
+            f"onnxfit needs onnxruntime >= {wanted}, but {onnxruntime.__version__} "
+            "is installed: upgrade the build you use (pip install -U onnxruntime, "
+            "or onnxruntime-gpu, ...)."
+        )
+
+
+def has_training_build():
+    """Whether the installed onnxruntime is a training build (it exposes the
+    gradient builder of onnxruntime-training)."""
+    from onnxruntime.capi import _pybind_state
+
+    return hasattr(_pybind_state, "GradientGraphBuilder")
+
+
+def _probe_model(ir_version, opset):
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+def _probe_limit(ir_version, opset, pattern):
+    """Load a probe model beyond the runtime's limits and read the limit it
+    states in its error message; None when it loads or says nothing."""
+    try:
+        onnxruntime.InferenceSession(
+            _probe_model(ir_version, opset), session_options(log_severity_level=4),
+            providers=["CPUExecutionProvider"],
+        )
+    except Exception as exc:  # the runtime's own message states its limit
+        found = re.search(pattern, str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_limits():
+    """Highest IR version and default-domain opset the installed onnxruntime
+    loads, read from the runtime itself.
+
+    Returns
+    -------
+    (int, int)
+        ``(max_ir_version, max_opset)``.  onnxruntime states both in the
+        message it gives for a model beyond them; when a build says nothing,
+        the limits of onnx itself are used.
+    """
+    max_ir = _probe_limit(10_000, 7, r"max supported IR version:\s*(\d+)")
+    max_opset = _probe_limit(7, 10_000, r"ai\.onnx is till opset\s*(\d+)")
+    return (
+        max_ir if max_ir is not None else onnx.IR_VERSION,
+        max_opset if max_opset is not None else onnx.defs.onnx_opset_version(),
+    )
+
+
+def session_options(n_threads=1, log_severity_level=3):
+    """SessionOptions used for every onnxfit session.
+
+    Parameters
+    ----------
+    n_threads : int or None, default=1
+        Intra-op threads; None lets onnxruntime choose (one per core).
+    log_severity_level : int, default=3
+        Errors only: onnxruntime's warnings about unused initializers and
+        the like mean nothing to a user of onnxfit.
+    """
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = log_severity_level
+    if n_threads is not None:
+        options.intra_op_num_threads = int(n_threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def make_session(model, n_threads=1, dtype=np.float32):
+    """An ``InferenceSession`` on ``model`` (ModelProto or bytes) on the CPU.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto or bytes
+    n_threads : int or None, default=1
+        See :func:`session_options`.
+    dtype : numpy dtype, default=float32
+        Element type of the graph's float tensors.
+    """
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    kwargs = {}
+    if np.dtype(dtype) == np.float64:
+        kwargs["disabled_optimizers"] = _FLOAT64_DISABLED_OPTIMIZERS
+    return onnxruntime.InferenceSession(
+        model, session_options(n_threads), providers=["CPUExecutionProvider"], **kwargs
+    )
+
+
+def bind_output_array(binding, name, array):
+    """Bind the output ``name`` of an IO binding to ``array``'s memory."""
+    binding.bind_output(
+        name,
+        device_type="cpu",
+        device_id=0,
+        element_type=array.dtype,
+        shape=array.shape,
+        buffer_ptr=array.ctypes.data,
+    )
+
+
+# -- OrtValues ---------------------------------------------------------------------
+_ORT_TENSOR_TYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+}
+
+
+def as_ortvalue(value):
+    """``value`` as an ``onnxruntime.OrtValue``.
+
+    Parameters
+    ----------
+    value : ndarray or onnxruntime.OrtValue
+        A C-contiguous array is shared, not copied, and not referenced by
+        the result: keep it alive as long as the result is used.
+    """
+    if isinstance(value, onnxruntime.OrtValue):
+        return value
+    if not (isinstance(value, np.ndarray) and value.flags.c_contiguous):
+        raise TypeError(
+            f"Expected a C-contiguous numpy array or an OrtValue, got {type(value).__name__}."
+        )
+    return onnxruntime.OrtValue.ortvalue_from_numpy(value)
+
+
+def is_ortvalue(value):
+    """Whether ``value`` is an ``onnxruntime.OrtValue``."""
+    return isinstance(value, onnxruntime.OrtValue)
+
+
+def ortvalue_dtype(value):
+    """Numpy dtype of a float, double or integer tensor OrtValue, else None."""
+    return _ORT_TENSOR_TYPES.get(value.data_type())
+
+
+check_onnxruntime()
