@@ -94,10 +94,20 @@ def _transposed_size(g, value, kernel, strides, dilations, pads):
             for i, (n, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations))]
 
 
+def _begin_pads(pads):
+    """``pads`` with the end pads set to 0: a ConvTranspose spreading dY back
+    must drop the positions of the leading padding only; the trailing ones
+    are cut (or missing ones added) by :func:`_fit_spatial`, since a window
+    may stop before the end padding when the stride does not divide."""
+    rank = len(pads) // 2
+    return list(pads[:rank]) + [0] * rank
+
+
 def _input_gradient(g, dy, w, x, y, kernel, strides, dilations, pads, group):
     """dX of a Conv: a ConvTranspose of dY, fitted to X's spatial size (X's
     last positions, which no window reached when the stride does not divide
     its size, get zeros)."""
+    pads = _begin_pads(pads)
     spread = g.ConvTranspose(dy, w, strides=strides, dilations=dilations, pads=pads,
                              group=group)
     return _fit_spatial(g, spread, x, _transposed_size(g, y, kernel, strides, dilations, pads))
@@ -262,6 +272,7 @@ def average_pool(g, node, dys):
         counted = g.Max(counted, g.constant(1.0, like=y))
         scaled = g.Mul(dy, g.Div(pooled, counted))
     rows = g.Reshape(scaled, g.Concat(g.ints([-1, 1]), g.Shape(dy, start=2), axis=0))
+    pads = _begin_pads(pads)
     spread = g.ConvTranspose(rows, window, strides=strides, dilations=dilations, pads=pads)
     spread = _fit_spatial(g, spread, x, _transposed_size(g, y, kernel, strides, dilations, pads))
     return [g.Reshape(spread, g.shape_tensor(x))]
