@@ -1,4 +1,4 @@
-"""onnxfit's benchmark suite (issue 5).
+"""onnxfit's benchmark suite.
 
 Run everything with ``python -m benchmarks.run`` (see ``benchmarks/README.md``);
 ``python -m benchmarks.run --quick`` is the one-minute smoke run that CI

@@ -85,12 +85,18 @@ class OnnxfitContestant(Contestant):
     library = "onnxfit"
     is_peer = False
 
-    def __init__(self, workload, engine="fused", n_threads=1):
+    def __init__(self, workload, engine="fused", n_threads=1, backend="onnxfit"):
         super().__init__(workload)
         self.engine = engine
         self.threads = n_threads
-        self.id = f"onnxfit-{engine}-{n_threads}t"
-        self.label = f"onnxfit {engine}" + ("" if n_threads == 1 else f" ({n_threads} threads)")
+        self.backend = backend
+        # n_threads=None: the estimator's own default (what a user gets).
+        tag = "default" if n_threads is None else f"{n_threads}t"
+        self.id = f"onnxfit-{engine}-{tag}" + ("" if backend == "onnxfit" else "-ort")
+        self.label = f"onnxfit {engine}" + (
+            "" if n_threads == 1 else " (default threads)" if n_threads is None
+            else f" ({n_threads} threads)") + (
+            "" if backend == "onnxfit" else ", onnxruntime-training backend")
         self.est = None
 
     def _estimator_class(self):
@@ -111,6 +117,13 @@ class OnnxfitContestant(Contestant):
 
         if self.engine not in ENGINES:
             return f"not available: engine {self.engine!r} not in onnxfit.engines.ENGINES"
+        if self.backend != "onnxfit":
+            from onnxfit.gradient import check_backend
+
+            try:
+                check_backend(self.backend)
+            except ImportError:
+                return f"skipped: gradient backend {self.backend!r} needs its onnxruntime build"
         return None
 
     def make_estimator(self, max_iter=1):
@@ -127,8 +140,10 @@ class OnnxfitContestant(Contestant):
             penalty=None,
             random_state=0,
             engine=self.engine,
-            n_threads=self.threads,
+            gradient_backend=self.backend,
         )
+        if self.threads is not None:
+            kwargs["n_threads"] = self.threads
         if wl.task == "classification":
             kwargs["loss"] = "log_loss"
         return self._estimator_class()(**kwargs)
@@ -236,11 +251,15 @@ class SklearnMLPContestant(BlasThreadLimit, Contestant):
 
     def __init__(self, workload, blas_threads=1):
         super().__init__(workload)
+        # blas_threads=None: the BLAS library's default (what a user gets).
         self.threads = blas_threads
         name = "MLPClassifier" if workload.task == "classification" else "MLPRegressor"
         self.name = name
-        self.id = f"sklearn-{name}-{blas_threads}t"
-        self.label = f"{name} (BLAS {blas_threads} thread{'s' if blas_threads > 1 else ''})"
+        if blas_threads is None:
+            self.id, self.label = f"sklearn-{name}-default", f"{name} (BLAS default threads)"
+        else:
+            self.id = f"sklearn-{name}-{blas_threads}t"
+            self.label = f"{name} (BLAS {blas_threads} thread{'s' if blas_threads > 1 else ''})"
 
     def make_estimator(self):
         from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -286,9 +305,13 @@ class TorchContestant(Contestant):
 
     def __init__(self, workload, threads=1):
         super().__init__(workload)
+        # threads=None: PyTorch's own default (one per core), what a user gets.
         self.threads = threads
-        self.id = f"torch-{threads}t"
-        self.label = f"PyTorch ({threads} thread{'s' if threads > 1 else ''})"
+        if threads is None:
+            self.id, self.label = "torch-default", "PyTorch (default threads)"
+        else:
+            self.id = f"torch-{threads}t"
+            self.label = f"PyTorch ({threads} thread{'s' if threads > 1 else ''})"
 
     def unavailable(self):
         if not torch_available():
@@ -329,8 +352,9 @@ class TorchContestant(Contestant):
     def before_epoch(self):
         import torch
 
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        wanted = self.threads if self.threads is not None else _torch_default_threads()
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _run_epoch(self, model, X, y, loss_fn, opt, gen):
         import torch
@@ -365,6 +389,22 @@ class TorchContestant(Contestant):
         self._run_epoch(*self._build())
 
 
+def _torch_default_threads():
+    """The number of threads PyTorch starts with (one per physical core)."""
+    global _TORCH_DEFAULT
+    if _TORCH_DEFAULT is None:
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True)
+        _TORCH_DEFAULT = int(out.stdout.strip())
+    return _TORCH_DEFAULT
+
+
+_TORCH_DEFAULT = None
+
+
 # ------------------------------------------------------------ the line-up
 def onnxfit_engines():
     """Engine names onnxfit offers now ('forward_backward' once it lands)."""
@@ -374,6 +414,27 @@ def onnxfit_engines():
         return ["fused"]
     names = list(ENGINES)
     return ["fused"] + [n for n in names if n != "fused"]
+
+
+def backend_lineup(workload):
+    """onnxfit's two gradient backends on each engine (same runtime)."""
+    return [OnnxfitContestant(workload, engine, backend=backend)
+            for engine in onnxfit_engines() for backend in ("onnxfit", "onnxruntime-training")]
+
+
+def defaults_lineup(workload):
+    """Each library at its own out-of-the-box thread settings, and onnxfit
+    on 1 and 2 threads for comparison."""
+    out = [OnnxfitContestant(workload, "fused", n_threads=None),
+           OnnxfitContestant(workload, "fused", n_threads=1),
+           OnnxfitContestant(workload, "fused", n_threads=2)]
+    if workload.key == "W1":
+        out.append(SGDRegressorContestant(workload))
+    else:
+        out.append(SklearnMLPContestant(workload, blas_threads=None))
+    out.append(TorchContestant(workload, threads=None))
+    out.append(TorchContestant(workload, threads=1))
+    return out
 
 
 def lineup(workload, two_threads=True, fit_loop=False):
@@ -399,8 +460,12 @@ def contestant_by_id(workload, cid):
     """Rebuild a contestant from its id (used by the memory probe's child)."""
     if cid.startswith("onnxfit-"):
         _, rest = cid.split("-", 1)
+        backend = "onnxfit"
+        if rest.endswith("-ort"):
+            rest, backend = rest[:-4], "onnxruntime-training"
         engine, threads = rest.rsplit("-", 1)
-        return OnnxfitContestant(workload, engine, n_threads=int(threads[:-1]))
+        n_threads = None if threads == "default" else int(threads[:-1])
+        return OnnxfitContestant(workload, engine, n_threads=n_threads, backend=backend)
     if cid == "sklearn-SGDRegressor":
         return SGDRegressorContestant(workload)
     if cid.startswith("sklearn-MLP"):

@@ -1,6 +1,6 @@
 """Seconds per epoch of the two training engines, side by side, on W2.
 
-W2 (see shared/notes/benchmarks.md): an MLP 100 -> 128 -> 64 -> 1 with
+W2 (see benchmarks/workloads.py): an MLP 100 -> 128 -> 64 -> 1 with
 ReLU on ``make_regression(100_000, 100, n_informative=50, noise=1.0,
 random_state=0)``, X float32, y standardised, batch 256, one thread.
 

@@ -17,7 +17,7 @@ data, and then measures:
 
 The figure judged against the target is ``(data + rss_extra_first) /
 (data + model)``: the memory a fit occupies, its input data included,
-relative to the data and the model alone (issue 5: at most 2).
+relative to the data and the model alone (the target: at most 2).
 """
 
 import gc

@@ -4,7 +4,15 @@ Parts (all by default, or those named by ``--only``):
 
 * ``epochs``  -- W1, W2, W3: seconds per epoch of onnxfit (every engine in
   ``onnxfit.engines.ENGINES``) and of each peer, interleaved in one process,
-  with the float32 GEMM ceiling measured in the same rounds;
+  with the float32 GEMM ceiling measured in the same rounds, every row on
+  one thread;
+* ``backends`` -- onnxfit's two gradient backends (its own rules and
+  onnxruntime-training 1.19.2) on each engine, interleaved, on the runtime
+  of the training build: run in an environment that has it, or name its
+  interpreter with ``--ort-training-python``;
+* ``defaults`` -- each library at its own out-of-the-box thread settings
+  (onnxfit's default ``n_threads``, PyTorch's default threads, the BLAS
+  default of scikit-learn's MLPs), with onnxfit on 1 and 2 threads beside;
 * ``memory``  -- peak memory of a one-epoch fit, each in a fresh subprocess;
 * ``quality`` -- time to quality on W1;
 * ``sweep``   -- the fused engine as N and the batch size grow
@@ -25,7 +33,7 @@ import platform
 import sys
 import time
 
-PARTS = ("epochs", "memory", "quality", "sweep")
+PARTS = ("epochs", "backends", "defaults", "memory", "quality", "sweep")
 
 
 def _versions():
@@ -34,7 +42,7 @@ def _versions():
     out = {"python": platform.python_version(), "platform": platform.platform(),
            "cpu_count": os.cpu_count()}
     for dist in ("numpy", "scikit-learn", "onnx", "onnxruntime-training-cpu", "onnxruntime",
-                 "skl2onnx", "torch", "threadpoolctl"):
+                 "onnxruntime-gpu", "skl2onnx", "torch", "threadpoolctl"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -96,6 +104,62 @@ def run_epochs(keys, n_samples, reps, warmup, two_threads, log):
     return out
 
 
+def run_lineups(keys, n_samples, reps, warmup, make_lineup, log, tag):
+    """Time ``make_lineup(workload)`` interleaved, workload by workload."""
+    from .timing import run_round_robin
+    from .workloads import make_workload
+
+    out = []
+    for key in keys:
+        start = time.perf_counter()
+        wl = make_workload(key, n_samples=n_samples)
+        log(f"[{tag}] {key}: {wl.title}, N={wl.n_samples}")
+        res = run_round_robin(make_lineup(wl), [], reps=reps, warmup=warmup, log=log)
+        out.append(dict(
+            workload=key, title=wl.title, n_samples=wl.n_samples, batch_size=wl.batch_size,
+            n_params=wl.n_params, reps=reps, warmup=warmup, records=res["records"],
+            seconds=time.perf_counter() - start,
+        ))
+    return out
+
+
+def run_backends(keys, n_samples, reps, warmup, log, other_python=None):
+    """The two gradient backends, interleaved on one runtime: here when the
+    training build is installed, else in ``other_python`` (an interpreter
+    of an environment that has it)."""
+    import json
+    import subprocess
+    import tempfile
+
+    import onnxruntime
+
+    from onnxfit.sessions import has_training_build
+
+    from .contestants import backend_lineup
+
+    if has_training_build():
+        return dict(
+            runtime=f"onnxruntime-training-cpu {onnxruntime.__version__}",
+            python=platform.python_version(),
+            workloads=run_lineups(keys, n_samples, reps, warmup, backend_lineup, log, "backends"),
+        )
+    if not other_python:
+        return dict(workloads=[], note=(
+            "n/a: the installed onnxruntime has no training build; run in an environment with "
+            "onnxruntime-training-cpu 1.19.2 or pass --ort-training-python"))
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [other_python, "-m", "benchmarks.run", "--only", "backends",
+                   "--workloads", ",".join(keys), "--n-samples", str(n_samples),
+                   "--reps", str(reps), "--warmup", str(warmup), "--out", tmp, "--no-plot"]
+        log(f"[backends] in {other_python}")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            return dict(workloads=[], note=f"n/a: {other_python} failed: {done.stderr[-500:]}")
+        with open(os.path.join(tmp, "results.json")) as f:
+            return json.load(f)["backends"]
+
+
 def run_memory(keys, n_samples, quick, log):
     from .contestants import lineup
     from .memory import measure
@@ -139,6 +203,10 @@ def main(argv=None):
     parser.add_argument("--two-threads", action="store_true",
                         help="also time 2-thread rows (onnxfit n_threads=2, torch 2 threads, "
                              "BLAS 2 threads) in a separate phase")
+    parser.add_argument("--ort-training-python", default=None,
+                        help="interpreter of an environment with onnxruntime-training-cpu "
+                             "1.19.2, for the 'backends' part when this one has plain "
+                             "onnxruntime")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
@@ -181,6 +249,14 @@ def main(argv=None):
 
     if "epochs" in parts:
         part("epochs", lambda: run_epochs(keys, n, reps, args.warmup, args.two_threads, log))
+    if "backends" in parts:
+        part("backends", lambda: run_backends(keys, n, reps, args.warmup, log,
+                                              args.ort_training_python))
+    if "defaults" in parts:
+        from .contestants import defaults_lineup
+
+        part("defaults", lambda: run_lineups(keys, n, reps, args.warmup, defaults_lineup, log,
+                                             "defaults"))
     if "memory" in parts:
         mem_keys = [k for k in keys if k != "W3"] if args.quick else keys
         part("memory", lambda: run_memory(mem_keys, n, args.quick, log))
@@ -209,8 +285,8 @@ def main(argv=None):
         "",
         "=" * 100,
         f"onnxfit benchmarks ({results['mode']}), {results['date']}: python {env['python']}, "
-        f"{env['cpu_count']} CPUs, onnxruntime-training "
-        f"{env.get('onnxruntime-training-cpu', '?')}, scikit-learn {env.get('scikit-learn')}, "
+        f"{env['cpu_count']} CPUs, {report.runtime_name(env)}, "
+        f"scikit-learn {env.get('scikit-learn')}, "
         f"torch {env.get('torch', 'not installed')}, numpy {env.get('numpy')}; "
         f"onnxfit engines: {', '.join(results['engines'])}",
         "Same footing: every row runs on 1 thread (onnxfit n_threads=1, "
@@ -220,6 +296,10 @@ def main(argv=None):
     ]
     for w in results.get("epochs", []):
         text += [report.format_epochs(w), ""]
+    if results.get("backends") is not None:
+        text += [report.format_backends(results["backends"]), ""]
+    if results.get("defaults"):
+        text += [report.format_defaults(results["defaults"]), ""]
     if results.get("memory"):
         text += [report.format_memory(results["memory"]), ""]
     if results.get("quality"):

@@ -1,4 +1,4 @@
-"""The workloads of ../shared/notes/benchmarks.md: data, models, graphs.
+"""The benchmark workloads: data, models, graphs.
 
 * W1 -- linear regression 100 -> 1 on ``make_regression(100_000, 100,
   n_informative=50, noise=1.0, random_state=0)``, X float32, y standardised.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-#: What onnxruntime-training 1.19.2 loads (see shared/notes/ort_training.md).
+#: Opset and IR of the workload graphs: every supported onnxruntime runs them.
 OPSET = 17
 IR_VERSION = 8
 

@@ -206,7 +206,7 @@ class BaseOnnxSGD(BaseEstimator):
             prepared = self._prepare_training(
                 X, y, sample_weight, reset, keep_weights, first_call, classes
             )
-            self._engine()
+            self._get_engine()
         except Exception:
             self.__dict__.clear()
             self.__dict__.update(previous)
@@ -277,7 +277,7 @@ class BaseOnnxSGD(BaseEstimator):
 
     def _run_epochs(self, X, y, labels, sample_weight, uniform, max_iter, use_early_stopping):
         """The training loop shared by ``fit`` and ``partial_fit``."""
-        engine = self._engine()
+        engine = self._get_engine()
         engine.set_state(self.weights_, self._update_state)
         schedule_state = self._schedule_state
         learning_rate = self._learning_rate
@@ -487,7 +487,8 @@ class BaseOnnxSGD(BaseEstimator):
             )
         return label_shape
 
-    def _model(self):
+    def _get_model(self):
+        """The :class:`OnnxModel` of the fitted graph, built on first use."""
         runtime = self._runtime
         if runtime.model is None:
             runtime.model = OnnxModel(
@@ -495,33 +496,38 @@ class BaseOnnxSGD(BaseEstimator):
             )
         return runtime.model
 
-    def _problem(self):
+    def _training_pieces(self):
+        """The loss, penalty and update-rule objects the parameters name."""
+        return (self._make_loss(), make_penalty(self.penalty, self.alpha, self.l1_ratio),
+                make_learning_rate(self.learning_rate))
+
+    def _build_problem(self, pieces=None):
+        """The :class:`TrainingProblem` of the current parameters."""
+        loss, penalty, learning_rate = pieces or self._training_pieces()
+        model = self._get_model()
         return TrainingProblem(
-            forward_model=self._model().forward_model(),
-            input_name=self._model().input_name,
+            forward_model=model.forward_model(),
+            input_name=model.input_name,
             output_name=self.trained_output_,
             weight_names=list(self.weights_to_train_),
             weight_shapes={w: a.shape for w, a in self.weights_.items()},
             dtype=self.dtype_,
             input_dtype=self.input_dtype_,
             label_shape=self.label_shape_,
-            loss=self._make_loss(),
-            penalty=make_penalty(self.penalty, self.alpha, self.l1_ratio),
-            learning_rate=make_learning_rate(self.learning_rate),
+            loss=loss,
+            penalty=penalty,
+            learning_rate=learning_rate,
             n_threads=self.n_threads,
             gradient_backend=self.gradient_backend,
         )
 
-    def _engine(self):
+    def _get_engine(self):
+        """The training engine, rebuilt when a parameter it depends on changed."""
         runtime = self._runtime
-        key = (
-            self.engine, _params_key(self._make_loss()),
-            _params_key(make_penalty(self.penalty, self.alpha, self.l1_ratio)),
-            _params_key(make_learning_rate(self.learning_rate)), self.n_threads,
-            self.gradient_backend,
-        )
+        pieces = self._training_pieces()
+        key = (self.engine, *map(_params_key, pieces), self.n_threads, self.gradient_backend)
         if runtime.engine is None or runtime.engine_key != key:
-            problem = self._problem()
+            problem = self._build_problem(pieces)
             runtime.engine = make_engine(self.engine, problem)
             runtime.engine_key = key
             # set_params may have switched to an update rule with other state
@@ -541,7 +547,7 @@ class BaseOnnxSGD(BaseEstimator):
     def _predict_raw(self, X, weights):
         """The trained output for ``X`` (already validated) and ``weights``."""
         runtime = self._runtime
-        model = self._model()
+        model = self._get_model()
         if runtime.predict_session is None:
             runtime.predict_session = make_session(
                 model.forward_model(), self.n_threads, self.dtype_
@@ -568,7 +574,7 @@ class BaseOnnxSGD(BaseEstimator):
             runtime.export_session = make_session(
                 self._prediction_model(), self.n_threads, self.dtype_
             )
-        feeds = {self._model().input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
+        feeds = {self._get_model().input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
         if output_names is None:
             return runtime.export_session.run([self.trained_output_], feeds)[0]
         return runtime.export_session.run(list(output_names), feeds)
@@ -583,7 +589,7 @@ class BaseOnnxSGD(BaseEstimator):
             does.
         """
         check_is_fitted(self, "weights_")
-        return self._model().export(self.weights_)
+        return self._get_model().export(self.weights_)
 
     # -- pickling ---------------------------------------------------------------
     def __getstate__(self):

@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
 def test_exits_zero(quick_run):
     proc, _ = quick_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Targets of issue 5" in proc.stdout
+    assert "Targets (ratios from this run" in proc.stdout
 
 
 def test_json_has_every_part(quick_run):

@@ -1,6 +1,6 @@
 """OnnxSGDClassifier: losses, graphs (raw scores, skl2onnx conversions with
 and without ZipMap), labels, class weights, partial_fit, early stopping,
-export, and the acceptance results of issue 3."""
+export, and acceptance results on scikit-learn's datasets."""
 
 import pickle
 
@@ -206,7 +206,7 @@ def test_classification_loss_table():
     assert isinstance(make_loss("hinge", CLASSIFICATION_LOSSES, scores="softmax"), HingeLoss)
 
 
-# -- acceptance (issue 3) ----------------------------------------------------------
+# -- acceptance ------------------------------------------------------------------
 def test_breast_cancer_matches_sgdclassifier(cancer):
     X_train, X_test, y_train, y_test = cancer
     ours = OnnxSGDClassifier(random_state=0).fit(X_train, y_train).score(X_test, y_test)
@@ -662,7 +662,7 @@ def test_one_hot_labels_are_built_batch_by_batch():
     clf = OnnxSGDClassifier(max_iter=1, tol=None, random_state=0).fit(X[:300], y[:300])
     columns = clf._encode_labels(clf._class_index(y[:300]))
     assert columns.dtype == np.uint8 and columns.shape == (300,)
-    problem = clf._problem()
+    problem = clf._build_problem()
     buffers = BatchBuffers(problem, 7)
     buffers.allocate(X.shape[1])
     indices = np.array([5, 0, 299, 42, 42, 17, 100])

@@ -188,7 +188,7 @@ def test_one_step_with_elastic_net_penalty_and_huber_loss():
 def test_loss_graph_gives_the_closed_form_gradient():
     X, y, sample_weight = regression_data(n=40)
     est = OnnxSGDRegressor(engine="forward_backward", max_iter=1, tol=None).fit(X, y)
-    problem = est._problem()
+    problem = est._build_problem()
     session = make_session(build_loss_model(problem))
     prediction = np.random.default_rng(0).standard_normal((40, 1)).astype(np.float32)
     label = y.reshape(-1, 1).astype(np.float32)

@@ -75,7 +75,7 @@ def test_fused_graph_never_differentiates_a_loss_with_a_closed_form():
     X, y = rng.standard_normal((20, 4)), rng.standard_normal(20)
     for loss, expected in (("huber", False), (PseudoHuberLoss(), True)):
         est = OnnxSGDRegressor(loss=loss, max_iter=1, tol=None).fit(X, y)
-        model = build_fused_model(est._problem())
+        model = build_fused_model(est._build_problem())
         loss_grad_nodes = [
             n.name for n in model.graph.node if n.name.startswith("onnxfit.loss.onnxfit.vjp.")
         ]
@@ -243,3 +243,23 @@ def test_split_keeps_the_forward_pass_lean_and_matches_the_whole_graph():
         assert_allclose(gradients[name].numpy(), expected[gradient_output_name(name)], rtol=1e-6)
     with pytest.raises(ValueError, match="seeded on each of the model's outputs"):
         split_gradient_graph(build_vjp(model, {"H0": "dH"}, weights))
+
+
+def test_graphs_older_than_opset_13_are_converted_by_the_callers_not_guessed():
+    """build_vjp refuses opset 11 (ReduceSum's axes were an attribute);
+    OnnxFunction converts such a graph first and differentiates it."""
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["XW"]),
+         helper.make_node("ReduceSum", ["XW"], ["Y"], axes=[1], keepdims=1)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "W")],
+        opset=11,
+    )
+    with pytest.raises(GradientError, match="opset 13 or newer; this one is at opset 11"):
+        build_vjp(model, {"Y": "dY"}, ["W"])
+    f = OnnxFunction(model)
+    X = np.array([[1.0, 2.0, 3.0]], np.float32)
+    f.forward(X, f.initial_weights())
+    grads = f.backward(np.array([[2.0]], np.float32))
+    assert_allclose(grads["W"], 2 * np.repeat(X.T, 2, axis=1))

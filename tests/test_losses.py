@@ -2,7 +2,7 @@
 
 Each loss is built as its own graph (``loss_gradient_model``), the way the
 engines build it: with the loss's closed-form derivative, and differentiated
-by onnxruntime-training instead (the two must agree).  References are closed
+through the gradient seam instead (the two must agree).  References are closed
 forms written here in numpy, checked in turn by central finite differences
 of the graph's own loss.
 """

@@ -20,6 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 from ..onnx_graphs import NodeWriter, tensor_elem_type, value_types
 from .rules import RULES, ZERO_DERIVATIVE, NotDifferentiable
 
+#: Oldest default-domain opset the rules write for (Squeeze, Unsqueeze,
+#: Split and ReduceSum take their axes as inputs from opset 13).
+MIN_OPSET = 13
+
 #: Element types that carry a gradient.
 FLOAT_TYPES = frozenset({
     TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
@@ -310,10 +314,16 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
         Inputs: the model's, then each cotangent input not already defined;
         outputs: the model's, then the gradients.
     """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < MIN_OPSET:
+        raise GradientError(
+            f"onnxfit differentiates graphs at opset {MIN_OPSET} or newer; this one is at "
+            f"opset {opset}. Convert it first (onnx.version_converter.convert_version; "
+            "OnnxFunction and the estimators convert older graphs themselves)."
+        )
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 1)
     inferred = _infer(result)
     types = value_types(inferred)
     shapes = _static_shapes(inferred)
