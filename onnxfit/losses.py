@@ -481,11 +481,9 @@ class SigmoidCrossEntropyLoss(BaseLoss):
 class SoftmaxCrossEntropyLoss(BaseLoss):
     """Multinomial log-loss on raw scores (logits), softmax over the last axis.
 
-    ``sum_j y_j (logsumexp(p) - p_j)`` with the log-sum-exp shifted by the
-    row's largest score (taken with ArgMax + GatherElements: onnxruntime-
-    training 1.19.2 has no gradient for ReduceMax), so it stays finite for
-    any score.
-    Labels are one-hot.
+    ``-sum_j y_j log softmax(p)_j``, with ``LogSoftmax``, which shifts the
+    scores by their largest before exponentiating, so it stays finite for
+    any score.  Labels are one-hot (or any rows of weights).
     """
 
     def check_label_shape(self, label_shape):
@@ -498,21 +496,16 @@ class SoftmaxCrossEntropyLoss(BaseLoss):
 
     def elementwise_body(self):
         return """
-    top_index = ArgMax<axis = -1, keepdims = 1>(prediction)
-    top = GatherElements<axis = -1>(prediction, top_index)
-    shifted = Sub(prediction, top)
-    exp_shifted = Exp(shifted)
-    last_axis = Constant<value = int64[1] {{-1}}>()
-    total = ReduceSum<keepdims = 1>(exp_shifted, last_axis)
-    log_total = Log(total)
-    nll = Sub(log_total, shifted)
-    elementwise = Mul(label, nll)
+    log_probability = LogSoftmax<axis = -1>(prediction)
+    label_log_probability = Mul(label, log_probability)
+    elementwise = Neg(label_log_probability)
 """
 
     def derivative_body(self):
         # softmax(p) * sum_j y_j - y (the sum is 1 for one-hot labels).
         return """
-    softmax = Div(exp_shifted, total)
+    softmax = Exp(log_probability)
+    last_axis = Constant<value = int64[1] {{-1}}>()
     label_total = ReduceSum<keepdims = 1>(label, last_axis)
     expected = Mul(softmax, label_total)
     derivative = Sub(expected, label)

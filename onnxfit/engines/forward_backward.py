@@ -39,7 +39,7 @@ from onnx import helper
 from ..function import model_gradient_cache
 from ..gradient import build_vjp
 from ..onnx_graphs import numpy_dtype, onnx_elem_type, piece_model, scalar_input, set_outputs
-from ..sessions import bind_output_array, make_session
+from ..sessions import bind_output_array, binding_runner, make_session
 from .base import BaseEngine
 from .problem import (
     DATA_LOSS,
@@ -192,11 +192,11 @@ class ForwardBackwardEngine(BaseEngine):
             else None
         self._update_bindings = [self._bind_update(p) for p in (0, 1)]
         # What a step calls, looked up once.
-        self._run_forward = self.model_runner.forward_session.run_with_iobinding
-        self._run_backward = self.model_runner.backward_session.run_with_iobinding
-        self._run_loss = self.loss_session.run_with_iobinding
-        self._run_update = self.update_session.run_with_iobinding
-        self._run_penalty = self.penalty_session.run_with_iobinding if penalized else None
+        self._run_forward = binding_runner(self.model_runner.forward_session)
+        self._run_backward = binding_runner(self.model_runner.backward_session)
+        self._run_loss = binding_runner(self.loss_session)
+        self._run_update = binding_runner(self.update_session)
+        self._run_penalty = binding_runner(self.penalty_session) if penalized else None
         self._step_loss = self._objective if penalized else self._data_loss
 
     # -- IO bindings -------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..onnx_graphs import (
     prune_graph,
     set_outputs,
 )
-from ..sessions import bind_output_array, make_session
+from ..sessions import bind_output_array, binding_runner, make_session
 from .base import BaseEngine
 from .problem import (
     DATA_LOSS,
@@ -119,7 +119,7 @@ class FusedEngine(BaseEngine):
         self._loss_name = loss_out.name
         self._step_loss = np.zeros((), dtype=numpy_dtype(loss_out.type.tensor_type.elem_type))
         self._rate = np.zeros((), dtype=problem.dtype)
-        self._run = self.session.run_with_iobinding
+        self._run = binding_runner(self.session)
 
     def _bind_batch(self, buffers):
         problem = self.problem
