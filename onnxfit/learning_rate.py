@@ -8,10 +8,11 @@ state tensors owned by the fitted estimator, so one object can be shared by
 several estimators (or be a default argument) and is never mutated by
 ``fit``.
 
-The update rule is written once, as ONNX graph text applied to one weight
-(:meth:`BaseLearningRate.update_piece`).  The fused engine appends a copy
-of it per weight to its training graph; the forward-backward engine runs it
-as its own small session.
+The update rule is written once, as ONNX graph text
+(:meth:`BaseLearningRate.update_piece`), and applied once to every weight
+laid end to end in one flat vector: the fused engine appends it to its
+training graph, the forward-backward engine runs it as its own small
+session.
 
 Writing a new update rule
 -------------------------
@@ -172,7 +173,8 @@ class BaseLearningRate(BaseEstimator):
         return {name: np.zeros_like(weight) for name in self.state_names}
 
     def update_piece(self, dtype):
-        """The update rule for one weight as a graph.
+        """The update rule as a graph, element-wise on tensors of any shape
+        (the engines give it every weight laid end to end).
 
         Inputs: ``weight``, ``gradient``, ``learning_rate`` (scalar) and one
         tensor per state; outputs: ``new_weight`` and ``new_<state>``.

@@ -125,7 +125,11 @@ def split_gradient_graph(gradient_graph):
 
     inferred = onnx.shape_inference.infer_shapes(model)
     types = value_types(inferred)
+    # What the graph declared (the onnxruntime-training builder declares the
+    # shapes of its gradients: its MaxPoolGrad kernel crashes without them),
+    # completed by what onnx infers.
     infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    infos.update((v.name, v) for v in graph.value_info)
     infos.update(inputs)
 
     forward_reads = set()
@@ -137,6 +141,7 @@ def split_gradient_graph(gradient_graph):
         [inputs[name] for name in forward_inputs],
         [_value_info(name, types, infos) for name in forward_outputs],
         [init for name, init in initializers.items() if name in forward_reads],
+        value_info=_inner_infos(forward_nodes, infos, set(forward_outputs)),
     )
     backward_input_names = saved + read_inputs + [cotangents[o] for o in output_names]
     backward = helper.make_graph(
@@ -144,6 +149,7 @@ def split_gradient_graph(gradient_graph):
         [_value_info(name, types, infos) for name in backward_input_names],
         [_value_info(name, types, infos) for name in gradients],
         [init for name, init in initializers.items() if name in backward_reads],
+        value_info=_inner_infos(backward_nodes, infos, set(gradients)),
     )
     return SplitGradient(
         forward=_model_like(model, forward),
@@ -155,6 +161,11 @@ def split_gradient_graph(gradient_graph):
         cotangent_names=cotangents,
         gradient_names=dict(gradient_graph.gradient_names),
     )
+
+
+def _inner_infos(nodes, infos, outputs):
+    """Declared shapes of the values ``nodes`` compute, graph outputs aside."""
+    return [infos[name] for name in _ordered(nodes) if name in infos and name not in outputs]
 
 
 def _ordered(nodes):
