@@ -306,7 +306,9 @@ def test_one_engine_step_moves_the_weights_by_minus_the_gradient(name, engine):
         graphs = {"fused training graph": runtime_engine.training_model}
     else:
         split = runtime_engine.model_runner.split
-        graphs = {"forward graph": split.forward, "backward graph": split.backward}
+        graphs = {"forward graph": split.forward, "backward graph": split.backward,
+                  "loss graph": runtime_engine.loss_model,
+                  "update graph": runtime_engine.update_model}
     for what, model in graphs.items():
         foreign = sorted({f"{n.domain}:{n.op_type}" for n in _all_nodes(model.graph)
                           if n.domain not in ("", "ai.onnx")})
@@ -339,3 +341,24 @@ def test_backends_agree_live(name):
     assert sorted(expected) == sorted(f.weight_names + ["X"])
     _assert_close(name, "the onnxfit and onnxruntime-training gradients",
                   dict(grads, X=grad_x), expected, REFERENCE_TOL)
+
+
+@pytest.mark.parametrize("engine", ["fused", "forward_backward"])
+def test_graphs_with_a_penalty_and_a_loss_without_closed_form_are_standard_too(engine):
+    """The penalty graph and an automatically differentiated loss are built
+    through the same seam: default-domain operators only."""
+    from tests.test_losses import PseudoHuberLoss
+
+    name = "torch_conv_maxpool"
+    data = zoo_data(name)
+    X = data["X"]
+    est = onnxfit.OnnxSGDRegressor(
+        _path(name), loss=PseudoHuberLoss(), penalty="elasticnet", alpha=0.01, max_iter=1,
+        tol=None, engine=engine, batch_size=len(X),
+    ).fit(X, np.zeros((len(X), data["dY"].shape[1])))
+    runtime_engine = est._runtime.engine
+    models = [runtime_engine.training_model] if engine == "fused" else [
+        runtime_engine.penalty_model, runtime_engine.loss_model]
+    assert all(m is not None for m in models)
+    for model in models:
+        assert {n.domain for n in _all_nodes(model.graph)} <= {""}
