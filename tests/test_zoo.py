@@ -29,11 +29,11 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 from onnx.utils import Extractor
 
 import onnxfit
 from onnxfit.sessions import has_training_build
+from tests.finite_differences import Erf, Gelu
 
 ZOO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo")
 ZOO = sorted(f[:-5] for f in os.listdir(ZOO_DIR) if f.endswith(".onnx"))
@@ -145,17 +145,6 @@ def _to_double(model):
     return double
 
 
-class Erf(OpRun):
-    """Erf in the input's precision: onnx.reference's computes in float32."""
-
-    op_domain = ""
-
-    def _run(self, x):
-        from math import erf
-
-        return (np.vectorize(erf, otypes=[x.dtype])(x),)
-
-
 class Float64Loss:
     """``sum(Y * dY)`` of a float64 copy of the graph, as a function of the
     input and the trained weights (graph inputs of the copy).
@@ -191,7 +180,7 @@ class Float64Loss:
             self.evaluator = "onnxruntime"
             self._run = lambda feeds: session.run(None, feeds)[0]
         except Exception:  # no float64 kernel for some operator
-            reference = ReferenceEvaluator(model, new_ops=[Erf])
+            reference = ReferenceEvaluator(model, new_ops=[Erf, Gelu])
             self.evaluator = "onnx.reference"
             self._run = lambda feeds: reference.run(None, feeds)[0]
 
