@@ -29,9 +29,10 @@ except ImportError as exc:  # pragma: no cover - exercised by hand, not in CI
         "onnxruntime-openvino yourself."
     ) from exc
 
-#: Oldest onnxruntime release onnxfit supports (LayerNormalization,
-#: ScatterElements with reduction='add', opset 17).
-MIN_ONNXRUNTIME = (1, 17)
+#: Oldest onnxruntime release onnxfit supports, and tests in CI: the first
+#: with wheels for Python 3.13; older ones compute ReduceL2 at opset 18
+#: wrongly.
+MIN_ONNXRUNTIME = (1, 20)
 
 #: Optimizers disabled for float64 graphs: onnxruntime-training 1.19.2 fuses
 #: transposed MatMuls into FusedMatMul, whose CPU kernel is float32 only.
@@ -45,7 +46,15 @@ def onnxruntime_version():
 
 
 def check_onnxruntime():
-    """Raise ImportError when the installed onnxruntime is too old."""
+    """Raise ImportError when the installed onnxruntime is broken or too old."""
+    if not hasattr(onnxruntime, "InferenceSession") or not hasattr(onnxruntime, "__version__"):
+        raise ImportError(
+            "The installed onnxruntime is broken: its package folder lacks "
+            "InferenceSession, which happens when one of two builds sharing the "
+            "'onnxruntime' folder (onnxruntime, onnxruntime-gpu, onnxruntime-training-cpu, "
+            "...) was uninstalled after the other was installed. Reinstall the build you "
+            "use, for example: pip install --force-reinstall --no-deps onnxruntime"
+        )
     if onnxruntime_version()[:2] < MIN_ONNXRUNTIME:
         wanted = ".".join(map(str, MIN_ONNXRUNTIME))
         raise ImportError(

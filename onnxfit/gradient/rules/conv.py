@@ -84,14 +84,29 @@ def _fit_spatial(g, value, x, produced=None):
     return g.Pad(value, g.Concat(g.ints([0] * (2 + rank) + [0, 0]), missing, axis=0))
 
 
-def _transposed_size(g, value, kernel, strides, dilations, pads):
-    """Spatial size of a ConvTranspose of ``value`` (None when not static)."""
-    shape = g.static_shape(value)
-    if shape is None:
+def _windows(g, x, kernel, strides, dilations, pads, ceil_mode=0):
+    """Number of windows along each spatial axis of ``x`` (a Conv's or a
+    pool's output size), computed from ``x``'s static shape, or None.
+
+    Computed here rather than read from the output's inferred shape: older
+    onnx releases infer some of them wrongly.  With ``ceil_mode`` it is left
+    to run time (runtimes have disagreed on the last window).
+    """
+    shape = g.static_shape(x)
+    if shape is None or ceil_mode:
+        return None
+    rank = len(kernel)
+    return [(n + pads[i] + pads[rank + i] - (k - 1) * d - 1) // s + 1
+            for i, (n, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations))]
+
+
+def _spread_size(sizes, kernel, strides, dilations, pads):
+    """Spatial size of a ConvTranspose of ``sizes`` windows (None stays None)."""
+    if sizes is None:
         return None
     rank = len(kernel)
     return [s * (n - 1) + (k - 1) * d + 1 - pads[i] - pads[rank + i]
-            for i, (n, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations))]
+            for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
 
 
 def _begin_pads(pads):
@@ -103,14 +118,15 @@ def _begin_pads(pads):
     return list(pads[:rank]) + [0] * rank
 
 
-def _input_gradient(g, dy, w, x, y, kernel, strides, dilations, pads, group):
+def _input_gradient(g, dy, w, x, kernel, strides, dilations, pads, group):
     """dX of a Conv: a ConvTranspose of dY, fitted to X's spatial size (X's
     last positions, which no window reached when the stride does not divide
     its size, get zeros)."""
+    windows = _windows(g, x, kernel, strides, dilations, pads)
     pads = _begin_pads(pads)
     spread = g.ConvTranspose(dy, w, strides=strides, dilations=dilations, pads=pads,
                              group=group)
-    return _fit_spatial(g, spread, x, _transposed_size(g, y, kernel, strides, dilations, pads))
+    return _fit_spatial(g, spread, x, _spread_size(windows, kernel, strides, dilations, pads))
 
 
 def _weight_gradient(g, inp, dout, kernel, strides, dilations, pads, group, per_group):
@@ -153,13 +169,12 @@ def _channels_per_group(g, w):
 def conv(g, node, dys):
     dy, = dys
     x, w = node.input[:2]
-    y = node.output[0]
     kernel = _kernel(g, node, w)
     group = node.attr("group", 1)
     strides, dilations, pads = _geometry(g, node, x, kernel)
     grads = [None] * len(node.input)
     if node.needs(0):
-        grads[0] = _input_gradient(g, dy, w, x, y, kernel, strides, dilations, pads, group)
+        grads[0] = _input_gradient(g, dy, w, x, kernel, strides, dilations, pads, group)
     if node.needs(1):
         grads[1] = _weight_gradient(g, x, dy, kernel, strides, dilations, pads, group,
                                     _channels_per_group(g, w))
@@ -168,26 +183,30 @@ def conv(g, node, dys):
     return grads
 
 
-def _transpose_pads(g, node, x, y, kernel, strides, dilations):
+def _transpose_pads(g, node, x, kernel, strides, dilations):
     """Explicit pads of a ConvTranspose (auto_pad and output_shape resolved
     with the equations of the ONNX specification)."""
     rank = len(kernel)
     auto_pad = node.attr("auto_pad", "NOTSET") or "NOTSET"
-    if auto_pad == "NOTSET" and node.attr("output_shape") is None:
+    output_shape = node.attr("output_shape")
+    if auto_pad == "NOTSET" and output_shape is None:
         return [int(p) for p in node.attr("pads") or [0] * (2 * rank)]
-    if auto_pad == "VALID":
+    if auto_pad == "VALID" and output_shape is None:
         return [0] * (2 * rank)
-    x_shape, y_shape = g.static_shape(x), g.static_shape(y)
-    if x_shape is None or y_shape is None:
+    x_shape = g.static_shape(x)
+    if x_shape is None:
         raise NotDifferentiable(
-            "ConvTranspose with auto_pad or output_shape on inputs whose spatial size is "
+            "ConvTranspose with auto_pad or output_shape on an input whose spatial size is "
             "unknown before run time; export it with explicit pads."
         )
+    if output_shape is None:  # SAME_UPPER / SAME_LOWER: the input size times the stride
+        output_shape = [n * s for n, s in zip(x_shape[2:], strides)]
+    output_shape = list(output_shape)[-rank:]
     padding = node.attr("output_padding") or [0] * rank
     begins, ends = [], []
     for i in range(rank):
         total = (strides[i] * (x_shape[2 + i] - 1) + padding[i]
-                 + (kernel[i] - 1) * dilations[i] + 1 - y_shape[2 + i])
+                 + (kernel[i] - 1) * dilations[i] + 1 - output_shape[i])
         if auto_pad == "SAME_UPPER":
             begins.append(total // 2)
             ends.append(total - total // 2)
@@ -201,19 +220,26 @@ def _transpose_pads(g, node, x, y, kernel, strides, dilations):
 def conv_transpose(g, node, dys):
     dy, = dys
     x, w = node.input[:2]
-    y = node.output[0]
     kernel = _kernel(g, node, w)
     group = node.attr("group", 1)
     strides = [int(s) for s in node.attr("strides") or [1] * len(kernel)]
     dilations = [int(d) for d in node.attr("dilations") or [1] * len(kernel)]
-    pads = _transpose_pads(g, node, x, y, kernel, strides, dilations)
+    pads = _transpose_pads(g, node, x, kernel, strides, dilations)
     grads = [None] * len(node.input)
     if node.needs(0):
         gathered = g.Conv(dy, w, strides=strides, dilations=dilations, pads=pads, group=group)
-        y_shape = g.static_shape(y)
-        produced = None if y_shape is None else [
-            (n + pads[i] + pads[len(kernel) + i] - (k - 1) * d - 1) // s + 1
-            for i, (n, k, s, d) in enumerate(zip(y_shape[2:], kernel, strides, dilations))]
+        # Sizes from X's static shape: Y's, then the number of windows of the
+        # Conv of dY.
+        x_shape = g.static_shape(x)
+        produced = None
+        if x_shape is not None:
+            rank = len(kernel)
+            padding = node.attr("output_padding") or [0] * rank
+            sizes = [s * (n - 1) + p + (k - 1) * d + 1 - pads[i] - pads[rank + i]
+                     for i, (n, p, k, s, d) in enumerate(
+                         zip(x_shape[2:], padding, kernel, strides, dilations))]
+            produced = [(n + pads[i] + pads[rank + i] - (k - 1) * d - 1) // s + 1
+                        for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
         grads[0] = _fit_spatial(g, gathered, x, produced)
     if node.needs(1):
         grads[1] = _weight_gradient(g, dy, x, kernel, strides, dilations, pads, group,
@@ -272,9 +298,10 @@ def average_pool(g, node, dys):
         counted = g.Max(counted, g.constant(1.0, like=y))
         scaled = g.Mul(dy, g.Div(pooled, counted))
     rows = g.Reshape(scaled, g.Concat(g.ints([-1, 1]), g.Shape(dy, start=2), axis=0))
+    windows = _windows(g, x, kernel, strides, dilations, pads, node.attr("ceil_mode", 0))
     pads = _begin_pads(pads)
     spread = g.ConvTranspose(rows, window, strides=strides, dilations=dilations, pads=pads)
-    spread = _fit_spatial(g, spread, x, _transposed_size(g, y, kernel, strides, dilations, pads))
+    spread = _fit_spatial(g, spread, x, _spread_size(windows, kernel, strides, dilations, pads))
     return [g.Reshape(spread, g.shape_tensor(x))]
 
 
