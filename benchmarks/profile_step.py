@@ -55,7 +55,7 @@ def breakdown(key, n_samples=100_000):
     X, n, b = wl.X, wl.n_samples, wl.batch_size
     steps = -(-n // b)
     buffers = engine._batch_buffers(b, X.shape[1])
-    binding = buffers.bindings[0]
+    binding = buffers.bound.bindings[0]
     if wl.task == "classification":
         labels = buffers.label.copy()
         labels = np.resize(labels, (n,) + labels.shape[1:])
@@ -71,7 +71,7 @@ def breakdown(key, n_samples=100_000):
         buffers.gather(X, labels, weights, order[s:s + b])
 
     parts = {
-        "run": _loop_us(lambda: engine.session.run_with_iobinding(binding), 1000) * steps,
+        "run": _loop_us(lambda: engine._run(binding), 1000) * steps,
         "gather": _loop_us(gather, 1000) * steps,
         "prepare": _loop_us(lambda: est._prepare_training(
             X, wl.y, None, reset=False, keep_weights=False, first_call=False,

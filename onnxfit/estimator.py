@@ -106,7 +106,7 @@ class BaseOnnxSGD(BaseEstimator):
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
         "engine": [StrOptions(set(ENGINES))],
-        "n_threads": [Interval(Integral, 1, None, closed="left")],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), None],
         "gradient_backend": [StrOptions(set(BACKENDS))],
     }
 
@@ -116,7 +116,7 @@ class BaseOnnxSGD(BaseEstimator):
         l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=1, gradient_backend="onnxfit",
+        n_threads=None, gradient_backend="onnxfit",
     ):
         # The parameters both estimators share, assigned in one place (as
         # scikit-learn's BaseSGD); each estimator's __init__ lists them again

@@ -56,7 +56,7 @@ from .sessions import as_ortvalue, is_ortvalue, ortvalue_dtype
 __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
 
 
-def build_model_runner(forward_model, weight_names, input_names_with_gradient=(), n_threads=1,
+def build_model_runner(forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
                        backend=DEFAULT_BACKEND):
     """The forward and backward sessions of ``forward_model``'s gradient.
 
@@ -111,7 +111,7 @@ class ModelGradientCache:
         self._entries = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=1,
+    def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
             backend=DEFAULT_BACKEND):
         """The runner of ``forward_model``'s gradient, built on first use.
 
@@ -123,7 +123,8 @@ class ModelGradientCache:
         weight_names : list of str
             Weights to differentiate, in call order.
         input_names_with_gradient : sequence of str, default=()
-        n_threads : int, default=1
+        n_threads : int or None, default=None
+            onnxruntime intra-op threads (see :func:`onnxfit.sessions.default_threads`).
         backend : str, default='onnxfit'
             Gradient backend (see :mod:`onnxfit.gradient`).
 
@@ -215,8 +216,9 @@ class OnnxFunction:
     input_gradient : bool, default=False
         Also build dL/dX (see ``return_input_gradient`` of
         :meth:`backward`).
-    n_threads : int, default=1
-        onnxruntime intra-op threads.
+    n_threads : int or None, default=None
+        onnxruntime intra-op threads (None: one per core, see
+        :func:`onnxfit.sessions.default_threads`).
     gradient_backend : {'onnxfit', 'onnxruntime-training'}, default='onnxfit'
         What builds the gradient graph (see :mod:`onnxfit.gradient`).
 
@@ -260,7 +262,7 @@ class OnnxFunction:
 
     def __init__(
         self, onnx_model, weights_to_train=None, output_name=None, input_gradient=False,
-        n_threads=1, gradient_backend=DEFAULT_BACKEND,
+        n_threads=None, gradient_backend=DEFAULT_BACKEND,
     ):
         check_backend(gradient_backend)
         model = normalise_model(load_onnx(onnx_model))
@@ -271,7 +273,7 @@ class OnnxFunction:
         self.dtype = np.dtype(self._model.dtype)
         self.input_dtype = np.dtype(self._model.input_dtype)
         self.input_gradient = bool(input_gradient)
-        self.n_threads = int(n_threads)
+        self.n_threads = None if n_threads is None else int(n_threads)
         self.gradient_backend = gradient_backend
         forward_model = self._model.forward_model()
         graph_inputs = {v.name: v for v in forward_model.graph.input}

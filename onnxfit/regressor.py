@@ -72,9 +72,12 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         Show a progress bar with the current loss.
     engine : {'fused', 'forward_backward'}, default='fused'
         How a training step runs (see :mod:`onnxfit.engines`).
-    n_threads : int, default=1
-        onnxruntime intra-op threads.  One thread is the robust choice on
-        small machines; two help large layers on an otherwise idle machine.
+    n_threads : int or None, default=None
+        onnxruntime intra-op threads.  None is onnxruntime's default, one
+        thread per core (or ``OMP_NUM_THREADS`` when set, as in joblib's
+        workers): a second thread makes layers of a hundred units or more
+        faster on an idle machine, and costs nothing to small models.  Set 1
+        when other processes compete for the cores.
     gradient_backend : {'onnxfit', 'onnxruntime-training'}, default='onnxfit'
         What differentiates the graph: onnxfit's own rules (any onnxruntime
         build, any Python from 3.10), or the gradient builder of
@@ -126,7 +129,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=1, gradient_backend="onnxfit",
+        n_threads=None, gradient_backend="onnxfit",
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,

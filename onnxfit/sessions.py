@@ -14,6 +14,7 @@ on none of them by default (see the installation notes in the README).
 """
 
 import functools
+import os
 import re
 
 import numpy as np
@@ -117,19 +118,29 @@ def runtime_limits():
     )
 
 
+def default_threads():
+    """The intra-op threads ``n_threads=None`` means: ``OMP_NUM_THREADS`` when
+    set (joblib sets it in its workers, so that parallel fits share the
+    cores), else None, onnxruntime's own default (one thread per core)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def session_options(n_threads=1, log_severity_level=3):
     """SessionOptions used for every onnxfit session.
 
     Parameters
     ----------
     n_threads : int or None, default=1
-        Intra-op threads; None lets onnxruntime choose (one per core).
+        Intra-op threads; None: :func:`default_threads`.
     log_severity_level : int, default=3
         Errors only: onnxruntime's warnings about unused initializers and
         the like mean nothing to a user of onnxfit.
     """
     options = onnxruntime.SessionOptions()
     options.log_severity_level = log_severity_level
+    if n_threads is None:
+        n_threads = default_threads()
     if n_threads is not None:
         options.intra_op_num_threads = int(n_threads)
     options.inter_op_num_threads = 1

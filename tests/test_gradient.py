@@ -263,3 +263,18 @@ def test_graphs_older_than_opset_13_are_converted_by_the_callers_not_guessed():
     f.forward(X, f.initial_weights())
     grads = f.backward(np.array([[2.0]], np.float32))
     assert_allclose(grads["W"], 2 * np.repeat(X.T, 2, axis=1))
+
+
+def test_default_threads_follow_omp_num_threads(monkeypatch):
+    """n_threads=None is onnxruntime's default (one per core) unless
+    OMP_NUM_THREADS says otherwise, as joblib's workers do."""
+    from onnxfit.sessions import default_threads, session_options
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads() is None
+    assert session_options(None).intra_op_num_threads == 0  # onnxruntime chooses
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1 and session_options(None).intra_op_num_threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert default_threads() is None
+    assert session_options(3).intra_op_num_threads == 3

@@ -80,7 +80,7 @@ class TrainingProblem:
     loss: object
     penalty: object
     learning_rate: object
-    n_threads: int = 1
+    n_threads: object = None
     gradient_backend: str = "onnxfit"
     penalized: list = field(init=False)
 
