@@ -218,7 +218,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
     def _validate_targets(self, y, reset, classes=None):
         y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
+        if y.dtype.kind not in "iub":
+            # 1-D integer or boolean labels are binary or multiclass: the
+            # check (a np.unique of y) could only accept them.
+            check_classification_targets(y)
         if reset:
             new = unique_labels(classes) if classes is not None else np.unique(y)
             previous = getattr(self, "classes_", None)
@@ -246,12 +249,20 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     def _class_index(self, y):
         """Positions of the labels ``y`` in ``classes_``."""
         classes = self.classes_
-        try:
-            index = np.searchsorted(classes, y)
-            np.minimum(index, len(classes) - 1, out=index)
-            unknown = classes.take(index) != y
-        except TypeError:  # labels of another type than classes_
-            index, unknown = np.zeros(len(y), dtype=np.intp), np.ones(len(y), dtype=bool)
+        lookup = self._class_lookup(y)
+        if lookup is not None:
+            # Integer labels in a small range: one gather in a table.
+            low, table = lookup
+            index = table.take(y - low, mode="clip")
+            unknown = (index < 0) | (y < low) | (y >= low + len(table))
+            index = index.astype(np.intp, copy=False)
+        else:
+            try:
+                index = np.searchsorted(classes, y)
+                np.minimum(index, len(classes) - 1, out=index)
+                unknown = classes.take(index) != y
+            except TypeError:  # labels of another type than classes_
+                index, unknown = np.zeros(len(y), dtype=np.intp), np.ones(len(y), dtype=bool)
         if np.any(unknown):
             raise ValueError(
                 f"y contains labels {np.unique(y[unknown]).tolist()} that are not "
@@ -259,17 +270,31 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             )
         return index
 
-    def _weight_samples(self, y, sample_weight):
+    def _class_lookup(self, y):
+        """``(lowest class, table)`` mapping integer labels to class
+        positions (-1 for labels that are not classes), or None when the
+        labels or classes are not integers of a small range."""
+        classes = self.classes_
+        if y.dtype.kind not in "iu" or classes.dtype.kind not in "iu":
+            return None
+        low, high = int(classes[0]), int(classes[-1])
+        if high - low > 4 * len(classes) + 1024:
+            return None
+        table = np.full(high - low + 1, -1, dtype=np.int64)
+        table[classes.astype(np.int64) - low] = np.arange(len(classes))
+        return low, table
+
+    def _weight_samples(self, labels, sample_weight):
         if self.class_weight is None:
             return sample_weight
-        y = column_or_1d(y)
+        y = self.classes_.take(labels)
         weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
         weights = np.asarray(weights, dtype=np.float64)
         if isinstance(self.class_weight, dict) and weights.mean() > 0:
             # Only ratios matter: with a fixed learning rate, weights such as
             # {0: 1000, 1: 1e-4} would otherwise multiply the steps by 1000.
             weights = weights / weights.mean()
-        per_sample = weights[self._class_index(y)]
+        per_sample = weights[labels]
         return per_sample if sample_weight is None else sample_weight * per_sample
 
     def _validation_split(self, n_samples, y, rng):

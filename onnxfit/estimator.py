@@ -251,7 +251,7 @@ class BaseOnnxSGD(BaseEstimator):
         labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
         # Uniform weights stay None (no array of ones is made or gathered)
         # unless the hook weights the samples, as class weights do.
-        sample_weight = self._weight_samples(y, sample_weight)
+        sample_weight = self._weight_samples(labels, sample_weight)
         if sample_weight is not None:
             uniform = uniform and bool(np.all(sample_weight == 1))
         if reset or first_call:
@@ -379,9 +379,10 @@ class BaseOnnxSGD(BaseEstimator):
             return int(min(64, max(1, n_samples // 1000)))
         return min(self.batch_size, n_samples)
 
-    def _weight_samples(self, y, sample_weight):
+    def _weight_samples(self, labels, sample_weight):
         """Hook for class weights: ``sample_weight`` (None for uniform
-        weights) times any per-sample factor; regression uses it as is."""
+        weights) times any per-sample factor, given the targets as
+        :meth:`_validate_targets` returned them; regression uses it as is."""
         return sample_weight
 
     def _encode_labels(self, labels):

@@ -73,8 +73,9 @@ def reduce_mean(g, node, dy, axes):
 @rule("ReduceSumSquare")
 @_reduction
 def reduce_sum_square(g, node, dy, axes):
+    # 2 dy first: dy is the reduced (small) tensor, x the large one.
     x = node.input[0]
-    return g.Mul(g.Mul(dy, x), g.constant(2.0, like=x))
+    return g.Mul(x, g.Mul(dy, g.constant(2.0, like=x)))
 
 
 @rule("ReduceL1")
