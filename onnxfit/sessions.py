@@ -32,8 +32,9 @@ except ImportError as exc:  # pragma: no cover - exercised by hand, not in CI
 
 #: Oldest onnxruntime release onnxfit supports, and tests in CI: the first
 #: with wheels for Python 3.13; older ones compute ReduceL2 at opset 18
-#: wrongly.
+#: wrongly.  The training build 1.19.2, the last there is, is supported too.
 MIN_ONNXRUNTIME = (1, 20)
+TRAINING_BUILD = (1, 19, 2)
 
 #: Optimizers disabled for float64 graphs: onnxruntime-training 1.19.2 fuses
 #: transposed MatMuls into FusedMatMul, whose CPU kernel is float32 only.
@@ -56,7 +57,8 @@ def check_onnxruntime():
             "...) was uninstalled after the other was installed. Reinstall the build you "
             "use, for example: pip install --force-reinstall --no-deps onnxruntime"
         )
-    if onnxruntime_version()[:2] < MIN_ONNXRUNTIME:
+    if onnxruntime_version()[:2] < MIN_ONNXRUNTIME and not (
+            onnxruntime_version() == TRAINING_BUILD and has_training_build()):
         wanted = ".".join(map(str, MIN_ONNXRUNTIME))
         raise ImportError(
             f"onnxfit needs onnxruntime >= {wanted}, but {onnxruntime.__version__} "

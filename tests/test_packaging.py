@@ -384,3 +384,14 @@ def test_a_half_removed_runtime_is_explained(monkeypatch):
     monkeypatch.setattr(sessions, "onnxruntime", types.ModuleType("onnxruntime"))
     with pytest.raises(ImportError, match="pip install --force-reinstall --no-deps onnxruntime"):
         sessions.check_onnxruntime()
+
+
+def test_runtimes_older_than_the_floor_are_refused_but_the_training_build(monkeypatch):
+    from onnxfit import sessions
+
+    monkeypatch.setattr(sessions, "onnxruntime_version", lambda: (1, 19, 2))
+    monkeypatch.setattr(sessions, "has_training_build", lambda: False)
+    with pytest.raises(ImportError, match="onnxfit needs onnxruntime >= 1.20"):
+        sessions.check_onnxruntime()
+    monkeypatch.setattr(sessions, "has_training_build", lambda: True)
+    sessions.check_onnxruntime()  # onnxruntime-training-cpu 1.19.2, the last training build
