@@ -251,11 +251,13 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         classes = self.classes_
         lookup = self._class_lookup(y)
         if lookup is not None:
-            # Integer labels in a small range: one gather in a table.
+            # Integer labels in a small range: one gather in a table of the
+            # smallest integers that hold the positions (labels are the
+            # largest array a fit makes besides X).
             low, table = lookup
-            index = table.take(y - low, mode="clip")
-            unknown = (index < 0) | (y < low) | (y >= low + len(table))
-            index = index.astype(np.intp, copy=False)
+            index = table.take(y - low if low else y, mode="clip")
+            unknown = (y < low) | (y >= low + len(table))
+            unknown |= index < 0
         else:
             try:
                 index = np.searchsorted(classes, y)
@@ -280,7 +282,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         low, high = int(classes[0]), int(classes[-1])
         if high - low > 4 * len(classes) + 1024:
             return None
-        table = np.full(high - low + 1, -1, dtype=np.int64)
+        table = np.full(high - low + 1, -1, dtype=np.min_scalar_type(-len(classes)))
         table[classes.astype(np.int64) - low] = np.arange(len(classes))
         return low, table
 
@@ -371,10 +373,11 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         # class: the column of each sample, as the smallest integers that
         # hold it; the engines build the one-hot rows batch by batch, so the
         # (n, n_columns) matrix never exists.
-        columns = self._class_columns.take(labels)
+        compact = self._class_columns.astype(np.min_scalar_type(max(1, self._n_columns - 1)))
+        columns = compact.take(labels)
         if self._n_columns == 1:
             return (columns == 1).astype(self.dtype_)[:, None]
-        return columns.astype(np.min_scalar_type(self._n_columns - 1))
+        return columns
 
     def _scores_kind(self):
         link = self._graph_info.link

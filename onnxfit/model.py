@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper, version_converter
 from onnx.utils import Extractor
 
 from .onnx_graphs import OPSET, numpy_dtype, onnx_elem_type, tensor_elem_type
-from .sessions import runtime_limits
+from .sessions import SUPPORTED_EVERYWHERE, runtime_limits
 
 
 def load_onnx(onnx_model):
@@ -72,8 +72,13 @@ def normalise_model(model):
     ValueError
         If onnx cannot convert the default-domain opset.
     """
-    max_ir, max_opset = runtime_limits()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    # Probing the runtime costs a little memory: graphs every supported
+    # runtime loads do not need it.
+    if model.ir_version <= SUPPORTED_EVERYWHERE[0] and (opset or 0) <= SUPPORTED_EVERYWHERE[1]:
+        max_ir, max_opset = SUPPORTED_EVERYWHERE
+    else:
+        max_ir, max_opset = runtime_limits()
     target = None
     if opset is not None and opset > max_opset:
         target = max_opset

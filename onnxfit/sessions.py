@@ -100,6 +100,11 @@ def _probe_limit(ir_version, opset, pattern):
     return None
 
 
+#: IR version and opset every supported onnxruntime loads (those of 1.19.2):
+#: graphs within them need no probe of the installed runtime.
+SUPPORTED_EVERYWHERE = (10, 21)
+
+
 @functools.lru_cache(maxsize=None)
 def runtime_limits():
     """Highest IR version and default-domain opset the installed onnxruntime
