@@ -306,3 +306,29 @@ def test_loss_value_names_never_collide_with_the_objective_sum():
         loss=_LossNamingAValuePartial0(), penalty="l2", alpha=0.01,
     )
     assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-5
+
+
+def test_values_kept_for_the_backward_pass_are_bound_again_when_shapes_may_depend_on_data():
+    """A model with TopK (an operator whose output shape may depend on the
+    data) has the values kept for its backward pass bound at each step
+    instead of once: same weights as the fused engine."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(5, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["S"]),
+         helper.make_node("TopK", ["S", "k"], ["Y", "I"], axis=1)],
+        "topk", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([2], np.int64), "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    X, _, _ = regression_data(n=64)
+    X = X[:, :5]
+    y = rng.normal(size=(64, 2))
+    fused, forward_backward = fit_both(model, X, y)
+    assert forward_backward._runtime.engine._dynamic_shapes
+    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-6
+    assert not np.allclose(fused.weights_["W"], W)  # it trained
