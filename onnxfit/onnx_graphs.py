@@ -104,18 +104,37 @@ def piece_model(graph, opset=OPSET, other_opsets=()):
     model = helper.make_model(graph, opset_imports=imports)
     # The oldest IR that carries these opsets: every supported runtime loads it.
     model.ir_version = helper.find_min_ir_version_for(imports, ignore_unknown=True)
-    # Pieces take tensors of any rank ({T}[]), which onnx.checker.check_model
-    # rejects on a main graph ("Field 'shape' of 'type' is required"), while
-    # onnxruntime runs them: check every node, then types with strict
-    # inference, instead.
+    check_graph(model)
+    return model
+
+
+def check_graph(model, check_types=True):
+    """``onnx.checker`` for graphs whose inputs or outputs have an unknown
+    rank (pieces take tensors of any rank, ``{T}[]``; a reduction over axes
+    given at run time has an output of unknown rank).
+
+    ``onnx.checker.check_model`` rejects those on a main graph ("Field
+    'shape' of 'type' is required") while onnxruntime runs them: every node
+    is checked, then types with strict shape inference, instead.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+    check_types : bool, default=True
+        Also run strict type inference.
+
+    Raises
+    ------
+    onnx.checker.ValidationError, onnx.shape_inference.InferenceError
+    """
     ctx = onnx.checker.C.CheckerContext()
     ctx.ir_version = model.ir_version
-    ctx.opset_imports = {o.domain: o.version for o in imports}
+    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
     for node in model.graph.node:
         if node.domain in ("", "ai.onnx"):  # onnx knows no other domain's schemas
             onnx.checker.check_node(node, ctx)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    return model
+    if check_types:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
 
 
 def existing_names(graph):

@@ -309,26 +309,41 @@ def test_loss_value_names_never_collide_with_the_objective_sum():
 
 
 def test_values_kept_for_the_backward_pass_are_bound_again_when_shapes_may_depend_on_data():
-    """A model with TopK (an operator whose output shape may depend on the
-    data) has the values kept for its backward pass bound at each step
-    instead of once: same weights as the fused engine."""
+    """TopK with k computed from the data: onnx cannot tell the shape of the
+    indices the backward pass reads, so they are bound at each step (a
+    constant k is bound once): same weights as the fused engine."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
     W = rng.normal(size=(5, 6)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["S"]),
-         helper.make_node("TopK", ["S", "k"], ["Y", "I"], axis=1)],
-        "topk", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 5])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
-        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([2], np.int64), "k")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+
+    def topk_model(k_from_data):
+        nodes = [helper.make_node("MatMul", ["X", "W"], ["S"])]
+        if k_from_data:  # k = 2 * max |sign(X)| = 2, known only at run time
+            nodes += [helper.make_node("Sign", ["X"], ["sx"]),
+                      helper.make_node("Abs", ["sx"], ["ax"]),
+                      helper.make_node("ReduceMax", ["ax"], ["m"], keepdims=0),
+                      helper.make_node("Mul", ["m", "two"], ["kf"]),
+                      helper.make_node("Cast", ["kf"], ["k0"], to=TensorProto.INT64),
+                      helper.make_node("Reshape", ["k0", "one"], ["k"])]
+        nodes.append(helper.make_node("TopK", ["S", "k"], ["Y", "I"], axis=1))
+        inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(
+            np.array([1], np.int64), "one"), numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+        if not k_from_data:
+            inits.append(numpy_helper.from_array(np.array([2], np.int64), "k"))
+        graph = helper.make_graph(
+            nodes, "topk", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 5])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model
+
     X, _, _ = regression_data(n=64)
     X = X[:, :5]
     y = rng.normal(size=(64, 2))
-    fused, forward_backward = fit_both(model, X, y)
-    assert forward_backward._runtime.engine._dynamic_shapes
-    assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-6
-    assert not np.allclose(fused.weights_["W"], W)  # it trained
+    for k_from_data in (True, False):
+        fused, forward_backward = fit_both(topk_model(k_from_data), X, y, weights_to_train=["W"])
+        bound = [b.bound for b in forward_backward._runtime.engine._buffers.values()]
+        assert all(bool(b.rebound) is k_from_data for b in bound)
+        assert relative_difference(forward_backward.weights_, fused.weights_) <= 1e-6
+        assert not np.allclose(fused.weights_["W"], W)  # it trained

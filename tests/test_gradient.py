@@ -100,6 +100,10 @@ def test_build_vjp_checks_its_arguments():
     with pytest.raises(ValueError, match="distinct names"):
         build_vjp(model, {"Y": "dY"}, ["W", "W"])
     with pytest.raises(ValueError, match=r"\['Z'\] are not values of the graph"):
+        build_vjp(model, {"Z": "dZ"}, ["W"])
+    with pytest.raises(ValueError, match=r"graph inputs or initializers; \['XW'\] are computed"):
+        build_vjp(model, {"Y": "dY"}, ["XW"])
+    with pytest.raises(ValueError, match=r"\['Z'\] are not values of the graph"):
         build_vjp(model, {"Y": "dY"}, ["Z"])
     with pytest.raises(ValueError, match="must be an input name or 1"):
         build_vjp(model, {"Y": 2.0}, ["W"])
@@ -245,9 +249,10 @@ def test_split_keeps_the_forward_pass_lean_and_matches_the_whole_graph():
         split_gradient_graph(build_vjp(model, {"H0": "dH"}, weights))
 
 
-def test_graphs_older_than_opset_13_are_converted_by_the_callers_not_guessed():
-    """build_vjp refuses opset 11 (ReduceSum's axes were an attribute);
-    OnnxFunction converts such a graph first and differentiates it."""
+def test_graphs_older_than_opset_16_are_converted_by_the_callers_not_guessed():
+    """build_vjp refuses opset 11 (ReduceSum's axes were an attribute, the
+    rules write opset-16 operators); OnnxFunction converts such a graph
+    first and differentiates it."""
     model = _model(
         [helper.make_node("MatMul", ["X", "W"], ["XW"]),
          helper.make_node("ReduceSum", ["XW"], ["Y"], axes=[1], keepdims=1)],
@@ -256,7 +261,7 @@ def test_graphs_older_than_opset_13_are_converted_by_the_callers_not_guessed():
         [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "W")],
         opset=11,
     )
-    with pytest.raises(GradientError, match="opset 13 or newer; this one is at opset 11"):
+    with pytest.raises(GradientError, match="opset 16 or newer; this one is at opset 11"):
         build_vjp(model, {"Y": "dY"}, ["W"])
     f = OnnxFunction(model)
     X = np.array([[1.0, 2.0, 3.0]], np.float32)
@@ -278,3 +283,73 @@ def test_default_threads_follow_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
     assert default_threads() is None
     assert session_options(3).intra_op_num_threads == 3
+
+
+
+def test_a_weight_read_inside_a_subgraph_is_refused_not_given_zero():
+    then_branch = helper.make_graph(
+        [helper.make_node("Mul", ["X", "W"], ["T"])], "then", [],
+        [helper.make_tensor_value_info("T", TensorProto.FLOAT, [3])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["E"])], "else", [],
+        [helper.make_tensor_value_info("E", TensorProto.FLOAT, [3])])
+    model = _model(
+        [helper.make_node("If", ["C"], ["Y"], then_branch=then_branch, else_branch=else_branch,
+                          name="branch")],
+        [helper.make_tensor_value_info("C", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("X", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
+    )
+    with pytest.raises(GradientError, match=r"no gradient rule for If \(node 'branch'\).*\['W'\]"):
+        build_vjp(model, {"Y": "dY"}, ["W"])
+
+
+def test_castlike_type_source_and_unused_split_outputs():
+    """CastLike(c, Z) takes only a type from Z: the weight gets its gradient
+    through the other path; a Split output nobody reads gets zeros."""
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["Z"]),
+         helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+             np.array(2.0, np.float64))),
+         helper.make_node("CastLike", ["c", "Z"], ["c_like"]),
+         helper.make_node("Mul", ["Z", "c_like"], ["Z2"]),
+         helper.make_node("Split", ["Z2"], ["S0", "S1"], axis=1, num_outputs=2),
+         helper.make_node("Identity", ["S1"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        opset=18,
+    )
+    result = build_vjp(model, {"Y": "dY"}, ["W"])
+    rng = np.random.default_rng(4)
+    X, W = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    dY = rng.standard_normal((5, 2)).astype(np.float32)
+    out = _run(result.model, {"X": X, "W": W, "dY": dY})
+    expected = np.concatenate([np.zeros((3, 2)), 2 * X.T @ dY], axis=1)
+    assert_allclose(out[gradient_output_name("W")], expected, rtol=1e-5, atol=1e-6)
+    # A weight reaching the output only through CastLike's type is frozen.
+    frozen = _model(
+        [helper.make_node("CastLike", ["X", "W"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
+    )
+    with pytest.raises(GradientError, match="derivative is zero .*CastLike"):
+        build_vjp(frozen, {"Y": "dY"}, ["W"])
+
+
+def test_operands_of_one_inferred_shape_need_no_broadcast_check():
+    """After Reshape(-1), shape inference names the dimension itself: both
+    operands of Mul(f, f) have that shape, so no run-time reduction."""
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["Z"]),
+         helper.make_node("Reshape", ["Z", "shape"], ["F"]),
+         helper.make_node("Mul", ["F", "F"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")],
+    )
+    result = build_vjp(model, {"Y": "dY"}, ["W"])
+    assert not {"Compress", "ReduceSum"} & {n.op_type for n in result.model.graph.node}

@@ -82,6 +82,8 @@ case("Pow", [("A", normal(3, 4)), ("B", np.array(2.0))], "square", constants={"B
 case("Pow", [("A", positive(3, 4)), ("B", np.array(-1.5))], "constant", constants={"B": np.array(-1.5)})
 case("Pow", [("A", positive(3, 4)), ("B", np.array(3, dtype=np.int64))], "int-exponent",
      constants={"B": np.array(3, dtype=np.int64)})
+case("Pow", [("A", np.array([[0.0, 0.5, -1.5]])), ("B", np.array(0.0))], "zero-exponent",
+     constants={"B": np.array(0.0)})
 case("Neg", [("X", normal(3, 4))], "plain")
 case("Abs", [("X", apart(3, 4))], "plain")
 case("Sqrt", [("X", positive(3, 4))], "plain")
@@ -130,6 +132,8 @@ case("Clip", [("X", np.linspace(-2, 2, 12).reshape(3, 4) + 0.05), ("lo", np.arra
 case("Clip", [("X", np.linspace(-2, 2, 12).reshape(3, 4) + 0.05), ("lo", None),
               ("hi", np.array(0.5))], "max-only", wrt=["X", "hi"])
 case("Clip", [("X", normal(3, 4))], "no-bounds")
+case("Clip", [("X", np.linspace(-2, 2, 12).reshape(3, 4) + 0.05), ("lo", np.array(1.0)),
+              ("hi", np.array(-1.0))], "low-above-high", wrt=["X", "lo", "hi"])
 case("Where", [("C", rng.random((3, 4)) > 0.5), ("A", normal(3, 4)), ("B", normal(4))],
      "broadcast", constants={"C": rng.random((3, 4)) > 0.5})
 case("Sum", [("A", normal(3, 4)), ("B", normal(4)), ("C", normal(3, 1))], "three")
@@ -139,7 +143,7 @@ case("Mean", [("A", normal(3, 4)), ("B", normal(4)), ("C", normal(3, 1))], "thre
 case("Identity", [("X", normal(3, 4))], "plain")
 case("Dropout", [("X", normal(3, 4))], "inference")
 case("Dropout", [("X", normal(3, 4)), ("r", np.array(0.3)), ("t", np.array(False))],
-     "training-false", constants={"r": np.array(0.3), "t": np.array(False)}, opset=13)
+     "training-false", constants={"r": np.array(0.3), "t": np.array(False)}, opset=16)
 # A float32 output: a large step (Cast is linear) keeps rounding out of the differences.
 case("Cast", [("X", normal(3, 4))], "to-float32", to=1, h=0.25, rtol=1e-6)
 case("CastLike", [("X", normal(3, 4)), ("T", np.zeros(1, np.float32))], "to-float32",
@@ -175,7 +179,7 @@ REDUCTIONS = ["ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL
 for op in REDUCTIONS:
     x = distinct(2, 3, 4) if op in ("ReduceMax", "ReduceMin") else (
         apart(2, 3, 4) if op == "ReduceL1" else normal(2, 3, 4))
-    axes_input = 13 if op == "ReduceSum" else 18
+    axes_input = 16 if op == "ReduceSum" else 18
     # axes as an attribute (opset 17, ReduceSum before 13) and as an input
     if op != "ReduceSum":  # its axes are an input from opset 13, onnxfit's floor
         case(op, [("X", x)], "axes-attr", axes=[1], keepdims=0)
@@ -185,8 +189,14 @@ for op in REDUCTIONS:
     case(op, [("X", x), ("axes", ints(1))], "axes-input-keep", opset=axes_input,
          constants={"axes": ints(1)})
     case(op, [("X", x)], "all", opset=axes_input, keepdims=0)
-case("ReduceSum", [("X", normal(2, 3)), ("axes", ints())], "noop", opset=13,
+case("ReduceSum", [("X", normal(2, 3)), ("axes", ints())], "noop", opset=16,
      constants={"axes": ints()}, noop_with_empty_axes=1)
+for op in REDUCTIONS:  # axes computed at run time (a graph input), empty or not
+    x = distinct(2, 3) if op in ("ReduceMax", "ReduceMin") else (
+        apart(2, 3) if op == "ReduceL1" else normal(2, 3))
+    case(op, [("X", x), ("axes", ints())], "run-time-empty-noop", opset=18,
+         noop_with_empty_axes=1)
+    case(op, [("X", x), ("axes", ints(-1))], "run-time-axes", opset=18, keepdims=0)
 case("ReduceMean", [("X", normal(3, 4))], "symbolic", opset=18, shapes={"X": ["n", 4]},
      keepdims=0)
 
@@ -205,7 +215,7 @@ case("Concat", [("A", normal(2, 3)), ("B", normal(2, 3))], "symbolic", axis=0,
      shapes={"A": ["n", 3], "B": ["m", 3]})
 case("Split", [("X", normal(2, 6)), ("s", ints(1, 2, 3))], "sizes", outputs=("Y0", "Y1", "Y2"),
      constants={"s": ints(1, 2, 3)}, axis=1)
-case("Split", [("X", normal(6, 2))], "equal", outputs=("Y0", "Y1"), opset=13)
+case("Split", [("X", normal(6, 2))], "equal", outputs=("Y0", "Y1"), opset=16)
 case("Split", [("X", normal(2, 7))], "num-outputs", outputs=("Y0", "Y1", "Y2"), opset=18,
      axis=1, num_outputs=3)
 SLICES = [
@@ -268,6 +278,8 @@ for name, sx, sw, attributes in CONVS:
 case("Conv", [("X", normal(2, 2, 5, 5)), ("W", normal(3, 2, 3, 3))], "no-bias")
 case("Conv", [("X", normal(2, 2, 6, 5)), ("W", normal(3, 2, 3, 3)), ("B", normal(3))],
      "symbolic", shapes={"X": ["n", 2, "h", "w"]}, strides=[2, 2], pads=[1, 0, 0, 1])
+case("Conv", [("X", normal(2, 2, 5, 6)), ("W", normal(3, 2, 3, 3)), ("B", normal(3))],
+     "symbolic-batch-same", shapes={"X": ["n", 2, 5, 6]}, strides=[2, 2], auto_pad="SAME_UPPER")
 TRANSPOSED = [
     ("2d", (2, 3, 4, 4), (3, 2, 3, 3), {}),
     ("2d-stride-pads", (1, 3, 3, 4), (3, 2, 3, 2), dict(strides=[2, 2], pads=[1, 0, 0, 1])),
@@ -307,6 +319,10 @@ case("AveragePool", [("X", normal(1, 2, 7, 7))], "dilations", opset=19, kernel_s
      dilations=[2, 2])
 case("AveragePool", [("X", normal(2, 2, 4, 6))], "symbolic", shapes={"X": ["n", 2, "h", "w"]},
      kernel_shape=[2, 2], strides=[2, 2])
+case("AveragePool", [("X", normal(2, 2, 5, 6))], "symbolic-batch-same",
+     shapes={"X": ["n", 2, 5, 6]}, kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER")
+case("MaxPool", [("X", distinct(2, 2, 5, 6))], "symbolic-batch-same",
+     shapes={"X": ["n", 2, 5, 6]}, kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")
 case("GlobalAveragePool", [("X", normal(2, 3, 4, 5))], "2d")
 case("GlobalAveragePool", [("X", normal(2, 3, 6))], "symbolic", shapes={"X": ["n", 3, "l"]})
 case("GlobalMaxPool", [("X", distinct(2, 3, 4, 5))], "2d")

@@ -34,6 +34,7 @@ and backward passes both read it) and the update writes set ``1 - p``.
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 from onnx import helper
 
 from ..function import model_gradient_cache
@@ -57,12 +58,6 @@ from .steps import append_loss, append_penalty, append_sum, append_update
 PREDICTION = "onnxfit.prediction"
 PREDICTION_GRADIENT = "onnxfit.prediction_gradient"
 MODEL_GRADIENT = "onnxfit.model_gradient"
-
-#: Operators whose output shapes depend on the data: with one of them in the
-#: model's forward pass, the values kept for the backward pass are bound
-#: again at each step instead of once per batch size.
-_DATA_DEPENDENT_SHAPES = {"NonZero", "Compress", "Unique", "TopK", "Loop", "If", "Scan"}
-
 
 def _empty_graph(name, inputs=()):
     return helper.make_graph([], name, list(inputs), [])
@@ -186,8 +181,6 @@ class ForwardBackwardEngine(BaseEngine):
             w: self._model_gradient[start:stop].reshape(problem.weight_shapes[w])
             for w, (start, stop) in problem.weight_offsets().items()
         }
-        self._dynamic_shapes = any(
-            node.op_type in _DATA_DEPENDENT_SHAPES for node in split.forward.graph.node)
         self._penalty_bindings = [self._bind_penalty(p) for p in (0, 1)] if penalized \
             else None
         self._update_bindings = [self._bind_update(p) for p in (0, 1)]
@@ -216,9 +209,35 @@ class ForwardBackwardEngine(BaseEngine):
         self._bind_update_rule(binding, parity)
         return binding
 
+    def _shapes_fixed_by_batch(self, X):
+        """Whether onnx can tell, from the batch's shape alone, the shape of
+        every value the backward pass reads (it cannot when a shape is
+        computed from the data: Reshape to a computed shape, NonZero, loops)."""
+        split = self.model_runner.split
+        model = onnx.ModelProto()
+        model.CopyFrom(split.forward)
+        for value in model.graph.input:
+            if value.name == self.problem.input_name:
+                value.CopyFrom(helper.make_tensor_value_info(
+                    value.name, value.type.tensor_type.elem_type, list(X.shape)))
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # a partially known graph: bind at each step
+            return False
+        shapes = {v.name: v.type.tensor_type.shape for v in
+                  list(inferred.graph.value_info) + list(inferred.graph.output)}
+        for name in split.saved_names:
+            shape = shapes.get(name)
+            if shape is None or not all(d.HasField("dim_value") for d in shape.dim):
+                return False
+        return True
+
     def _saved_buffers(self, size, X):
         """Buffers for the values the backward pass reads, shaped by one
-        forward run on a batch of ``size`` rows."""
+        forward run on a batch of ``size`` rows (onnxruntime's own shapes),
+        or None when their shapes may change from batch to batch."""
+        if not self._shapes_fixed_by_batch(X):
+            return None
         split = self.model_runner.split
         session = self.model_runner.forward_session
         binding = session.io_binding()
@@ -240,7 +259,9 @@ class ForwardBackwardEngine(BaseEngine):
         prediction = np.empty(shape, dtype=problem.dtype)
         output_gradient = np.empty(shape, dtype=problem.dtype)
         buffers.X[...] = 0  # read once below to size the saved values
-        saved = {} if self._dynamic_shapes else self._saved_buffers(buffers.size, buffers.X)
+        saved = self._saved_buffers(buffers.size, buffers.X)
+        dynamic = saved is None
+        saved = {} if dynamic else saved
         saved[problem.output_name] = prediction
         forward, backward = [], []
         for parity in (0, 1):
@@ -273,7 +294,7 @@ class ForwardBackwardEngine(BaseEngine):
         loss.bind_cpu_input(SAMPLE_WEIGHT, buffers.sample_weight)
         bind_output_array(loss, DATA_LOSS, self._data_loss)
         bind_output_array(loss, PREDICTION_GRADIENT, output_gradient)
-        rebound = [] if not self._dynamic_shapes else [
+        rebound = [] if not dynamic else [
             (k, name) for k, name in enumerate(split.forward_output_names)
             if name in split.backward_input_names and name not in saved]
         buffers.bound = SimpleNamespace(

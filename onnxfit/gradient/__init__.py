@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from ..onnx_graphs import existing_names
 from .own import GradientError
 from .rules import differentiable_ops
 from .split import ForwardBackwardRunner, SplitGradient, split_gradient_graph
@@ -116,13 +117,6 @@ def available_backends():
     return usable
 
 
-def _defined_values(graph):
-    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    for node in graph.node:
-        names.update(o for o in node.output if o)
-    return names
-
-
 def build_vjp(model, seeds, wrt, backend=DEFAULT_BACKEND):
     """Append to ``model`` the vector-Jacobian products of its seeded values.
 
@@ -158,10 +152,18 @@ def build_vjp(model, seeds, wrt, backend=DEFAULT_BACKEND):
     wrt = list(wrt)
     if not wrt or len(set(wrt)) != len(wrt):
         raise ValueError(f"wrt must list distinct names, got {wrt}.")
-    defined = _defined_values(model.graph)
-    unknown = [v for v in seeds if v not in defined] + [w for w in wrt if w not in defined]
+    graph = model.graph
+    defined = existing_names(graph)
+    unknown = [v for v in seeds if v not in defined]
     if unknown:
         raise ValueError(f"{unknown} are not values of the graph.")
+    leaves = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    computed = [w for w in wrt if w not in leaves]
+    if computed:
+        raise ValueError(
+            f"wrt must name graph inputs or initializers; {computed} are "
+            + ("computed by the graph." if set(computed) <= defined else "not values of the graph.")
+        )
     for value, seed in seeds.items():
         if not (isinstance(seed, str) or seed == 1):
             raise ValueError(f"The seed of {value!r} must be an input name or 1, not {seed!r}.")

@@ -17,12 +17,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..onnx_graphs import NodeWriter, tensor_elem_type, value_types
-from .rules import RULES, ZERO_DERIVATIVE, NotDifferentiable
+from ..onnx_graphs import NodeWriter, node_reads, value_types
+from .rules import CONSTANT_INPUTS, RULES, ZERO_DERIVATIVE, NotDifferentiable
 
-#: Oldest default-domain opset the rules write for (Squeeze, Unsqueeze,
-#: Split and ReduceSum take their axes as inputs from opset 13).
-MIN_OPSET = 13
+#: Oldest default-domain opset the rules write for: they use Shape with
+#: start/end and CastLike (opset 15) and ScatterElements with
+#: reduction='add' (opset 16).
+MIN_OPSET = 16
 
 #: Element types that carry a gradient.
 FLOAT_TYPES = frozenset({
@@ -139,10 +140,14 @@ class RuleContext(NodeWriter):
         static = self.static_shape(name)
         return self.ints(static) if static is not None else self.shape_of(name)
 
+    def fill(self, shape, value, like):
+        """A tensor of the int64 ``shape`` filled with ``value``, typed like ``like``."""
+        filler = numpy_helper.from_array(np.full(1, value, dtype=self._numpy_type(like)))
+        return self.ConstantOfShape(shape, value=filler)
+
     def zeros(self, shape, like):
         """Zeros of the int64 ``shape`` tensor, typed like ``like``."""
-        zero = numpy_helper.from_array(np.zeros(1, dtype=self._numpy_type(like)))
-        return self.ConstantOfShape(shape, value=zero)
+        return self.fill(shape, 0.0, like)
 
     def zeros_like(self, name):
         """Zeros of the shape and type of ``name``."""
@@ -200,8 +205,7 @@ class RuleContext(NodeWriter):
                 # A bias of a dense layer: ones @ dY is one vectorised kernel
                 # where ReduceSum over the batch axis is a slower loop.
                 rows = self.Shape(dy, start=0, end=1)
-                one = numpy_helper.from_array(np.ones(1, dtype=self._numpy_type(dy)))
-                return self.MatMul(self.ConstantOfShape(rows, value=one), dy)
+                return self.MatMul(self.fill(rows, 1.0, like=dy), dy)
             keep = 0 if len(axes) == lead else 1
             total = self.reduce("ReduceSum", total, axes, keepdims=keep)
             if keep == 0:
@@ -285,6 +289,22 @@ def _is_default_domain(node):
     return node.domain in ("", "ai.onnx")
 
 
+def _constant_positions(node):
+    """Positions of ``node``'s inputs without a derivative (see
+    :data:`onnxfit.gradient.rules.CONSTANT_INPUTS`)."""
+    if not _is_default_domain(node):
+        return frozenset()
+    return CONSTANT_INPUTS.get(node.op_type, frozenset())
+
+
+def _subgraph_mask(node, masks):
+    """Weights that the subgraphs of ``node`` read from the outer graph."""
+    mask = 0
+    for name in node_reads(node) - {i for i in node.input if i}:
+        mask |= masks.get(name, 0)
+    return mask
+
+
 def _node_label(node):
     return f"{node.op_type} (node {node.name or node.output[0]!r})"
 
@@ -330,15 +350,20 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
     nodes = list(graph.node)
 
     # Which weights each value depends on: through differentiable operators
-    # (``through_rules``), and at all (``at_all``), as bit masks.
+    # (``through_rules``), and at all (``at_all``), as bit masks.  What a
+    # node reads includes what its subgraphs (If, Loop, Scan) read.
     bits = {name: 1 << k for k, name in enumerate(wrt)}
     through_rules, at_all = dict(bits), dict(bits)
     for node in nodes:
         mask_any = 0
         mask_diff = 0
-        for name in node.input:
+        constant = _constant_positions(node)
+        for name in node_reads(node):
             mask_any |= at_all.get(name, 0)
-            mask_diff |= through_rules.get(name, 0)
+        for index, name in enumerate(node.input):
+            if index not in constant:
+                mask_diff |= through_rules.get(name, 0)
+        mask_diff |= _subgraph_mask(node, through_rules)
         if not mask_any:
             continue
         passes = not (_is_default_domain(node) and node.op_type in ZERO_DERIVATIVE)
@@ -352,7 +377,7 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
     on_path = set(seeds)
     for node in reversed(nodes):
         if any(name in on_path for name in node.output):
-            on_path.update(name for name in node.input if name)
+            on_path.update(node_reads(node))
 
     _check(nodes, seeds, wrt, bits, through_rules, at_all, on_path)
 
@@ -381,7 +406,9 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
     for node in reversed(nodes):
         if not any(name in cotangents for name in node.output):
             continue
-        needs = [bool(name) and name in through_rules for name in node.input]
+        constant = _constant_positions(node)
+        needs = [bool(name) and name in through_rules and k not in constant
+                 for k, name in enumerate(node.input)]
         if not any(needs) or not (_is_default_domain(node) and node.op_type in RULES):
             # Zero-derivative operators and values that no weight reaches.
             for name in node.output:
@@ -449,14 +476,14 @@ def _check(nodes, seeds, wrt, bits, through_rules, at_all, on_path):
     """Refuse, before writing anything, what cannot be differentiated."""
     missing = []
     for node in nodes:
-        feeds = any(through_rules.get(name, 0) for name in node.input if name)
+        feeds = any(through_rules.get(name, 0) for name in node_reads(node))
         reaches = any(name in on_path for name in node.output)
         if not (feeds and reaches):
             continue
         if _is_default_domain(node) and (node.op_type in RULES or node.op_type in ZERO_DERIVATIVE):
             continue
         weights = [w for w in wrt if any(
-            through_rules.get(name, 0) & bits[w] for name in node.input if name)]
+            through_rules.get(name, 0) & bits[w] for name in node_reads(node))]
         missing.append((node, weights))
     if missing:
         listed = "; ".join(
@@ -480,11 +507,17 @@ def _check(nodes, seeds, wrt, bits, through_rules, at_all, on_path):
         reached_any |= at_all.get(seed, 0)
     frozen = [w for w in wrt if reached_any & bits[w] and not reached_diff & bits[w]]
     if frozen:
+        # Where a frozen weight's differentiable path ends: a node it reaches
+        # whose outputs on the way to the loss carry no derivative of it
+        # (zero-derivative operators, casts to integers, type-only inputs).
+        lost = 0
+        for w in frozen:
+            lost |= bits[w]
         blockers = sorted({
             _node_label(node) for node in nodes
-            if _is_default_domain(node) and node.op_type in ZERO_DERIVATIVE
-            and any(at_all.get(name, 0) for name in node.input if name)
-            and any(name in on_path for name in node.output)
+            if any(through_rules.get(name, 0) & lost for name in node_reads(node))
+            and any(name in on_path and not through_rules.get(name, 0) & lost
+                    for name in node.output if name)
         })
         raise GradientError(
             f"{frozen} reach the loss only through operators whose derivative is "

@@ -11,8 +11,9 @@
   gradients.
 
 Nodes that only prepare the backward pass (a transposed weight, say) land in
-the backward graph, so a forward pass for inference computes nothing more
-than the model.  :class:`ForwardBackwardRunner` runs the two graphs as plain
+the backward graph, so a forward pass computes the model and little more;
+the shapes of forward values that the backward pass reads are computed in
+the forward graph, so that the values themselves need not be kept.  :class:`ForwardBackwardRunner` runs the two graphs as plain
 ``InferenceSession`` objects; values stay ``OrtValue`` objects in between.
 """
 
@@ -108,11 +109,22 @@ def split_gradient_graph(gradient_graph):
     gradients = list(gradient_graph.gradient_names.values())
     forward_ids = _needed(nodes, output_names, producers)
     backward_ids = _needed(nodes, gradients, producers) - forward_ids
+    inputs = {i.name: i for i in graph.input}
+    initializers = {i.name: i for i in graph.initializer}
+    # The shape of a forward value is kept, not the value: a rule that only
+    # needs X's shape would otherwise make the forward pass hand X over.
+    available = {o for k in forward_ids for o in nodes[k].output if o}
+    available |= set(initializers) | set(inputs) - set(cotangents.values())
+    for k in sorted(backward_ids):
+        node = nodes[k]
+        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx") and (
+                node.input[0] in available):
+            forward_ids.add(k)
+            backward_ids.discard(k)
+            available.update(node.output)
     forward_nodes = [nodes[k] for k in sorted(forward_ids)]
     backward_nodes = [nodes[k] for k in sorted(backward_ids)]
 
-    inputs = {i.name: i for i in graph.input}
-    initializers = {i.name: i for i in graph.initializer}
     forward_values = {o for n in forward_nodes for o in n.output if o}
     backward_reads = set()
     for node in backward_nodes:

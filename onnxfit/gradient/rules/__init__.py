@@ -13,6 +13,16 @@ The table lives in :mod:`.registry`; the rules are grouped by family:
 """
 
 from . import conv, elementwise, linalg, normalization, reduction, shape  # noqa: F401
-from .registry import RULES, ZERO_DERIVATIVE, NotDifferentiable, differentiable_ops, rule
+from .registry import (
+    CONSTANT_INPUTS,
+    RULES,
+    ZERO_DERIVATIVE,
+    NotDifferentiable,
+    differentiable_ops,
+    rule,
+)
 
-__all__ = ["RULES", "ZERO_DERIVATIVE", "NotDifferentiable", "differentiable_ops", "rule"]
+__all__ = [
+    "CONSTANT_INPUTS", "RULES", "ZERO_DERIVATIVE", "NotDifferentiable", "differentiable_ops",
+    "rule",
+]

@@ -13,12 +13,10 @@
 """
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
+from .reduction import share_between_ties
 from .registry import NotDifferentiable, rule
-
-_INT64_MAX = int(np.iinfo(np.int64).max)
-
 
 def _kernel(g, node, w=None):
     kernel = node.attr("kernel_shape")
@@ -29,6 +27,15 @@ def _kernel(g, node, w=None):
     if kernel is None:
         raise NotDifferentiable("the kernel's shape is unknown before run time.")
     return [int(k) for k in kernel]
+
+
+def _spatial_sizes(g, x):
+    """Static spatial dimensions of ``x`` (after batch and channels), or
+    None; the batch dimension may be symbolic."""
+    shape = g.shape(x)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return list(shape[2:])
 
 
 def _geometry(g, node, x, kernel):
@@ -42,14 +49,14 @@ def _geometry(g, node, x, kernel):
         return strides, dilations, [int(p) for p in node.attr("pads") or [0] * (2 * rank)]
     if auto_pad == "VALID":
         return strides, dilations, [0] * (2 * rank)
-    shape = g.static_shape(x)
-    if shape is None:
+    sizes = _spatial_sizes(g, x)
+    if sizes is None:
         raise NotDifferentiable(
             f"auto_pad={auto_pad} on an input whose spatial size is unknown before run "
             "time; export the graph with explicit pads."
         )
     begins, ends = [], []
-    for size, k, s, d in zip(shape[2:], kernel, strides, dilations):
+    for size, k, s, d in zip(sizes, kernel, strides, dilations):
         out = -(-size // s)
         total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
         small, large = total // 2, total - total // 2
@@ -65,11 +72,10 @@ def _spatial_axes(rank):
 def _fit_spatial(g, value, x, produced=None):
     """``value`` with its spatial dimensions cut or zero-padded at the end to
     those of ``x`` (``produced``: the spatial size of ``value`` when known)."""
-    x_shape = g.static_shape(x)
+    target = _spatial_sizes(g, x)
     rank = len(produced) if produced is not None else g.rank(x) - 2
     axes = _spatial_axes(rank)
-    if x_shape is not None and produced is not None:
-        target = list(x_shape[2:])
+    if target is not None and produced is not None:
         if target == list(produced):
             return value
         if any(p > t for p, t in zip(produced, target)):
@@ -92,12 +98,12 @@ def _windows(g, x, kernel, strides, dilations, pads, ceil_mode=0):
     onnx releases infer some of them wrongly.  With ``ceil_mode`` it is left
     to run time (runtimes have disagreed on the last window).
     """
-    shape = g.static_shape(x)
-    if shape is None or ceil_mode:
+    sizes = _spatial_sizes(g, x)
+    if sizes is None or ceil_mode:
         return None
     rank = len(kernel)
     return [(n + pads[i] + pads[rank + i] - (k - 1) * d - 1) // s + 1
-            for i, (n, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations))]
+            for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
 
 
 def _spread_size(sizes, kernel, strides, dilations, pads):
@@ -193,19 +199,19 @@ def _transpose_pads(g, node, x, kernel, strides, dilations):
         return [int(p) for p in node.attr("pads") or [0] * (2 * rank)]
     if auto_pad == "VALID" and output_shape is None:
         return [0] * (2 * rank)
-    x_shape = g.static_shape(x)
-    if x_shape is None:
+    sizes = _spatial_sizes(g, x)
+    if sizes is None:
         raise NotDifferentiable(
             "ConvTranspose with auto_pad or output_shape on an input whose spatial size is "
             "unknown before run time; export it with explicit pads."
         )
     if output_shape is None:  # SAME_UPPER / SAME_LOWER: the input size times the stride
-        output_shape = [n * s for n, s in zip(x_shape[2:], strides)]
+        output_shape = [n * s for n, s in zip(sizes, strides)]
     output_shape = list(output_shape)[-rank:]
     padding = node.attr("output_padding") or [0] * rank
     begins, ends = [], []
     for i in range(rank):
-        total = (strides[i] * (x_shape[2 + i] - 1) + padding[i]
+        total = (strides[i] * (sizes[i] - 1) + padding[i]
                  + (kernel[i] - 1) * dilations[i] + 1 - output_shape[i])
         if auto_pad == "SAME_UPPER":
             begins.append(total // 2)
@@ -230,14 +236,14 @@ def conv_transpose(g, node, dys):
         gathered = g.Conv(dy, w, strides=strides, dilations=dilations, pads=pads, group=group)
         # Sizes from X's static shape: Y's, then the number of windows of the
         # Conv of dY.
-        x_shape = g.static_shape(x)
+        x_sizes = _spatial_sizes(g, x)
         produced = None
-        if x_shape is not None:
+        if x_sizes is not None:
             rank = len(kernel)
             padding = node.attr("output_padding") or [0] * rank
             sizes = [s * (n - 1) + p + (k - 1) * d + 1 - pads[i] - pads[rank + i]
                      for i, (n, p, k, s, d) in enumerate(
-                         zip(x_shape[2:], padding, kernel, strides, dilations))]
+                         zip(x_sizes, padding, kernel, strides, dilations))]
             produced = [(n + pads[i] + pads[rank + i] - (k - 1) * d - 1) // s + 1
                         for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
         grads[0] = _fit_spatial(g, gathered, x, produced)
@@ -286,8 +292,7 @@ def average_pool(g, node, dys):
         # 1 / divisor of each window, as onnxruntime computes it: an
         # AveragePool of ones gives (elements in the window) / divisor, and
         # a Conv of ones counts the elements in the window.
-        ones_x = g.ConstantOfShape(g.Concat(g.ints([1, 1]), g.Shape(x, start=2), axis=0),
-                                   value=_typed_one(g, y))
+        ones_x = g.fill(g.Concat(g.ints([1, 1]), g.Shape(x, start=2), axis=0), 1.0, like=y)
         attributes = {a.name: node.attr(a.name) for a in node.proto.attribute}
         pooled = g.AveragePool(ones_x, **attributes)
         extra = [s - 1 if node.attr("ceil_mode", 0) else 0 for s in strides]
@@ -305,17 +310,12 @@ def average_pool(g, node, dys):
     return [g.Reshape(spread, g.shape_tensor(x))]
 
 
-def _typed_one(g, like):
-    dtype = helper.tensor_dtype_to_np_dtype(g.elem_type(like) or TensorProto.FLOAT)
-    return numpy_helper.from_array(np.ones(1, dtype=dtype))
-
-
 @rule("GlobalAveragePool")
 def global_average_pool(g, node, dys):
     x, y = node.input[0], node.output[0]
-    shape = g.static_shape(x)
-    if shape is not None:
-        count = g.constant(float(np.prod(shape[2:])), like=y)
+    sizes = _spatial_sizes(g, x)
+    if sizes is not None:
+        count = g.constant(float(np.prod(sizes)), like=y)
     else:
         count = g.CastLike(g.Div(g.Size(x), g.Size(y)), y)
     return [g.Expand(g.Div(dys[0], count), g.shape_tensor(x))]
@@ -323,11 +323,9 @@ def global_average_pool(g, node, dys):
 
 @rule("GlobalMaxPool")
 def global_max_pool(g, node, dys):
-    # dY goes to the maxima of each channel, shared between ties.
+    # A ReduceMax over the spatial axes, kept: dY goes to each channel's maxima.
     x, y = node.input[0], node.output[0]
     rank = g.rank(x)
     if rank is None:
         raise NotDifferentiable("GlobalMaxPool on a value of unknown rank.")
-    mask = g.Cast(g.Equal(x, y), to=g.elem_type(x))
-    ties = g.reduce("ReduceSum", mask, _spatial_axes(rank - 2), keepdims=1)
-    return [g.Mul(mask, g.Div(dys[0], ties))]
+    return [share_between_ties(g, x, y, dys[0], _spatial_axes(rank - 2))]

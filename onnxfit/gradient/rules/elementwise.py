@@ -14,11 +14,18 @@ from onnx import TensorProto
 from .registry import NotDifferentiable, rule
 
 
-def _binary(g, node, dy, da, db):
+def _binary(g, node, da, db):
     """Cotangents of a broadcasting binary operator, each summed to its
-    operand's shape; ``da``/``db`` build them (called only when needed)."""
+    operand's shape; ``da``/``db`` build them (called only when needed).
+
+    Operands of one and the same inferred shape were not broadcast against
+    each other, whatever their symbols: no reduction is written.
+    """
     a, b = node.input[:2]
     y = node.output[0]
+    same = g.shape(a) is not None and g.shape(a) == g.shape(b)
+    if same:
+        return [da() if node.needs(0) else None, db() if node.needs(1) else None]
     return [
         g.sum_to(da(), a, y) if node.needs(0) else None,
         g.sum_to(db(), b, y) if node.needs(1) else None,
@@ -38,20 +45,20 @@ def _mask(g, condition, like):
 @rule("Add")
 def add(g, node, dys):
     dy, = dys
-    return _binary(g, node, dy, lambda: dy, lambda: dy)
+    return _binary(g, node, lambda: dy, lambda: dy)
 
 
 @rule("Sub")
 def sub(g, node, dys):
     dy, = dys
-    return _binary(g, node, dy, lambda: dy, lambda: g.Neg(dy))
+    return _binary(g, node, lambda: dy, lambda: g.Neg(dy))
 
 
 @rule("Mul")
 def mul(g, node, dys):
     dy, = dys
     a, b = node.input
-    return _binary(g, node, dy, lambda: g.Mul(dy, b), lambda: g.Mul(dy, a))
+    return _binary(g, node, lambda: g.Mul(dy, b), lambda: g.Mul(dy, a))
 
 
 @rule("Div")
@@ -59,28 +66,38 @@ def div(g, node, dys):
     # y = a / b: da = dy / b, db = -dy a / b^2 = -dy y / b.
     dy, = dys
     b, y = node.input[1], node.output[0]
-    return _binary(g, node, dy, lambda: g.Div(dy, b), lambda: g.Neg(g.Div(g.Mul(dy, y), b)))
+    return _binary(g, node, lambda: g.Div(dy, b), lambda: g.Neg(g.Div(g.Mul(dy, y), b)))
 
 
 @rule("Pow")
 def pow_(g, node, dys):
-    # y = a^b: da = dy b a^(b - 1), db = dy y log(a).
+    # y = a^b: da = dy b a^(b - 1), db = dy y log(a); both 0 where PyTorch
+    # makes them 0 (da where b = 0, db where a = 0 and b >= 0) instead of
+    # the 0 * inf of the formulas.
     dy, = dys
     a, b = node.input
     y = node.output[0]
+    zero = g.constant(0.0, like=a)
 
     def da():
         exponent = g.const_value(b)
         if exponent is not None and exponent.size == 1:
             e = float(exponent.reshape(()))
+            if e == 0.0:
+                return g.Mul(dy, zero)
             if e == 2.0:
                 return g.Mul(dy, g.Mul(a, g.constant(2.0, like=a)))
             return g.Mul(dy, g.Mul(g.Pow(a, g.constant(e - 1.0, like=a)), g.constant(e, like=a)))
         b_like_a = b if g.elem_type(b) == g.elem_type(a) else g.CastLike(b, a)
         lowered = g.Sub(b_like_a, g.constant(1.0, like=a))
-        return g.Mul(dy, g.Mul(g.Pow(a, lowered), b_like_a))
+        slope = g.Mul(g.Pow(a, lowered), b_like_a)
+        return g.Mul(dy, g.Where(g.Equal(b_like_a, zero), zero, slope))
 
-    return _binary(g, node, dy, da, lambda: g.Mul(dy, g.Mul(y, g.Log(a))))
+    def db():
+        at_zero = g.And(g.Equal(a, zero), g.GreaterOrEqual(b, g.constant(0.0, like=b)))
+        return g.Where(at_zero, g.constant(0.0, like=b), g.Mul(dy, g.Mul(y, g.Log(a))))
+
+    return _binary(g, node, da, db)
 
 
 @rule("Neg")
@@ -292,25 +309,22 @@ rule("Max")(_extremum)
 
 @rule("Clip")
 def clip(g, node, dys):
-    # Passes dy where lo <= x <= hi (as PyTorch's clamp); a tensor bound
-    # gets dy where it is the one that clips.
+    # y = min(max(x, lo), hi): dy passes where lo <= x <= hi (as PyTorch's
+    # clamp); a tensor bound gets dy where it is the value y takes (hi
+    # everywhere when lo > hi, as ONNX defines it).
     dy, = dys
     x = node.input[0]
     lo = node.input[1] if node.has_input(1) else None
     hi = node.input[2] if node.has_input(2) else None
-    inside = None
-    if lo is not None:
-        inside = g.GreaterOrEqual(x, lo)
-    if hi is not None:
-        below_hi = g.LessOrEqual(x, hi)
-        inside = below_hi if inside is None else g.And(inside, below_hi)
-    grads = [g.Mul(dy, _mask(g, inside, x)) if inside is not None else dy]
-    for index, bound, clipped in ((1, lo, g.Less), (2, hi, g.Greater)):
-        if bound is not None and node.needs(index):
-            picked = g.Mul(dy, _mask(g, clipped(x, bound), x))
-            grads.append(g.reduce("ReduceSum", picked, None, keepdims=0))
-        else:
-            grads.append(None)
+    low = g.Max(x, lo) if lo is not None else x
+    passes_hi = g.LessOrEqual(low, hi) if hi is not None else None
+    below_hi = dy if passes_hi is None else g.Mul(dy, _mask(g, passes_hi, x))
+    grads = [below_hi if lo is None else g.Mul(below_hi, _mask(g, g.GreaterOrEqual(x, lo), x))]
+    total = lambda value: g.reduce("ReduceSum", value, None, keepdims=0)  # noqa: E731
+    grads.append(total(g.Mul(below_hi, _mask(g, g.Less(x, lo), x)))
+                 if lo is not None and node.needs(1) else None)
+    grads.append(total(g.Mul(dy, _mask(g, g.Not(passes_hi), x)))
+                 if hi is not None and node.needs(2) else None)
     return grads
 
 
@@ -347,7 +361,7 @@ def identity(g, node, dys):
     return [dys[0]]
 
 
-@rule("Dropout")
+@rule("Dropout", constant_inputs=(1, 2))
 def dropout(g, node, dys):
     # Inference form (no training_mode, or a constant False): the identity.
     # Training form: dy where the forward pass kept the value, scaled as it.
@@ -382,6 +396,6 @@ def cast(g, node, dys):
     return [g.Cast(dys[0], to=g.elem_type(x))] if g.elem_type(x) else [g.CastLike(dys[0], x)]
 
 
-@rule("CastLike")
+@rule("CastLike", constant_inputs=(1,))
 def cast_like(g, node, dys):
     return [g.CastLike(dys[0], node.input[0]), None]

@@ -103,14 +103,20 @@ def reduce_log_sum_exp(g, node, dy, axes):
     return g.Mul(dy, g.Exp(g.Sub(x, total)))
 
 
-def _extremum(g, node, dy, axes):
-    # dy goes to the elements equal to the extremum, shared between ties
-    # (as PyTorch's amax/amin).
-    x = node.input[0]
-    best = _restored(g, node, node.output[0], axes)
+def share_between_ties(g, x, best, dy, axes, noop_with_empty_axes=0):
+    """dy sent to the elements of ``x`` equal to ``best`` (the extremum over
+    ``axes``, kept as dimensions of size 1), shared equally between ties,
+    as PyTorch's amax/amin."""
     mask = g.Cast(g.Equal(x, best), to=g.elem_type(x))
-    ties = g.reduce("ReduceSum", mask, axes, keepdims=1)
+    ties = g.reduce("ReduceSum", mask, axes, keepdims=1,
+                    noop_with_empty_axes=noop_with_empty_axes)
     return g.Mul(mask, g.Div(dy, ties))
+
+
+def _extremum(g, node, dy, axes):
+    best = _restored(g, node, node.output[0], axes)
+    return share_between_ties(g, node.input[0], best, dy, axes,
+                              node.attr("noop_with_empty_axes", 0))
 
 
 rule("ReduceMax")(_reduction(_extremum))

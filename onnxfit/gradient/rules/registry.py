@@ -21,6 +21,12 @@ training, with the node and the weights behind it named.
 #: Operator name -> rule function ``rule(g, node, dys) -> list``.
 RULES = {}
 
+#: Operator name -> positions of float inputs the output has no derivative
+#: with respect to (CastLike's type source, Dropout's ratio): nothing flows
+#: back into them, and a weight reaching the loss only through one of them
+#: is refused as one behind a zero derivative.
+CONSTANT_INPUTS = {}
+
 #: Operators whose outputs have a zero derivative almost everywhere (or no
 #: float output): nothing flows back through them, as in PyTorch.  A weight
 #: whose every path to the loss crosses one of them would never move, and is
@@ -41,14 +47,19 @@ class NotDifferentiable(Exception):
     """
 
 
-def rule(*op_types):
-    """Register the decorated function as the rule of ``op_types``."""
+def rule(*op_types, constant_inputs=()):
+    """Register the decorated function as the rule of ``op_types``.
+
+    ``constant_inputs`` lists the positions of inputs without a derivative
+    (see :data:`CONSTANT_INPUTS`); the rule returns None for them.
+    """
 
     def register(function):
         for op_type in op_types:
             if op_type in RULES:  # pragma: no cover - a programming error
                 raise ValueError(f"Two rules for {op_type}.")
             RULES[op_type] = function
+            CONSTANT_INPUTS[op_type] = frozenset(constant_inputs)
         return function
 
     return register
