@@ -442,10 +442,10 @@ def make_loss(loss, table, **kwargs):
 # output: one column per class (one-hot), or a single column (1 for the
 # positive class) when a binary problem is scored by one logit.  Margin losses
 # map them to -1/+1 inside the graph.  Every term is written with operators
-# both gradient backends differentiate (Relu, Abs, Exp, Log, Min, Max,
-# ArgMax/GatherElements, ReduceSum with axes as an input) and that are valid
-# from opset 13 on, since the fused engine appends the piece to the user's
-# graph at the graph's own opset.
+# both gradient backends differentiate (Relu, Abs, Exp, Log, LogSoftmax, Min,
+# Max, ReduceSum with axes as an input) and that are valid from opset 17 on,
+# since the fused engine appends the piece to the user's graph at the
+# graph's own opset.
 
 
 class SigmoidCrossEntropyLoss(BaseLoss):

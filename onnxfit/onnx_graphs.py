@@ -17,7 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, parser
 
 #: Opset used for the graphs onnxfit writes itself, and the lowest opset of
-#: the graphs it trains (older ones are converted up to it).
+#: the graphs the estimators and OnnxFunction train (they convert older
+#: ones up to it; the gradient rules alone need 16).
 OPSET = 17
 #: Opsets onnxfit asks skl2onnx for (demo, tests): every supported onnxruntime
 #: runs them, and onnxfit trains them without converting them.
@@ -200,6 +201,38 @@ def append_piece(graph, piece, prefix, inputs=None, outputs=None):
                 if name:
                     seq[k] = rename.setdefault(name, prefix + name)
     return {v.name: rename[v.name] for v in piece.output}
+
+
+_ADD_TEXT = """
+add_terms ({T}[] a, {T}[] b) => ({T}[] total) {{
+    total = Add(a, b)
+}}
+"""
+
+_SAME_TEXT = """
+same ({T}[] a) => ({T}[] same) {{
+    same = Identity(a)
+}}
+"""
+
+
+def append_sum(graph, terms, total, dtype, prefix):
+    """Append ``total = terms[0] + terms[1] + ...`` (values of ``dtype``).
+
+    A chain of ``Add`` (onnxruntime-training 1.19.2 differentiates no
+    ``Sum``).  Intermediate names start with ``prefix``, which must not be
+    the prefix of another piece of ``graph``.
+    """
+    if len(terms) == 1:
+        append_piece(graph, parse_piece(_SAME_TEXT, dtype), prefix, {"a": terms[0]},
+                     {"same": total})
+        return
+    add = parse_piece(_ADD_TEXT, dtype)
+    current = terms[0]
+    for k, term in enumerate(terms[1:]):
+        out = total if k == len(terms) - 2 else f"{prefix}partial{k}"
+        append_piece(graph, add, f"{prefix}add{k}.", {"a": current, "b": term}, {"total": out})
+        current = out
 
 
 def set_outputs(graph, names_and_types):

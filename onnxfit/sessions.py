@@ -31,8 +31,10 @@ except ImportError as exc:  # pragma: no cover - exercised by hand, not in CI
     ) from exc
 
 #: Oldest onnxruntime release onnxfit supports, and tests in CI: the first
-#: with wheels for Python 3.13; older ones compute ReduceL2 at opset 18
-#: wrongly.  The training build 1.19.2, the last there is, is supported too.
+#: with wheels for Python 3.13 (older plain releases compute ReduceL2 at
+#: opset 18 wrongly).  The training build 1.19.2, the last there is, is
+#: accepted too, for the gradient backend it serves (whose ReduceL2 has the
+#: same flaw).
 MIN_ONNXRUNTIME = (1, 20)
 TRAINING_BUILD = (1, 19, 2)
 

@@ -39,7 +39,14 @@ from onnx import helper
 
 from ..function import model_gradient_cache
 from ..gradient import build_vjp
-from ..onnx_graphs import numpy_dtype, onnx_elem_type, piece_model, scalar_input, set_outputs
+from ..onnx_graphs import (
+    append_sum,
+    numpy_dtype,
+    onnx_elem_type,
+    piece_model,
+    scalar_input,
+    set_outputs,
+)
 from ..sessions import bind_output_array, binding_runner, make_session
 from .base import BaseEngine
 from .problem import (
@@ -52,7 +59,7 @@ from .problem import (
     PENALTY,
     SAMPLE_WEIGHT,
 )
-from .steps import append_loss, append_penalty, append_sum, append_update
+from .steps import append_loss, append_penalty, append_update
 
 #: Reserved names of the values passed between the graphs.
 PREDICTION = "onnxfit.prediction"

@@ -30,6 +30,7 @@ import onnx
 
 from ..gradient import build_vjp
 from ..onnx_graphs import (
+    append_sum,
     merge_opset_imports,
     numpy_dtype,
     onnx_elem_type,
@@ -48,7 +49,7 @@ from .problem import (
     PENALTY,
     SAMPLE_WEIGHT,
 )
-from .steps import append_flat_gradient, append_loss, append_penalty, append_sum, append_update
+from .steps import append_flat_gradient, append_loss, append_penalty, append_update
 
 #: Reserved names of the fused graph.
 OUTPUT_GRADIENT = "onnxfit.output_gradient"

@@ -12,7 +12,15 @@ both, so both compute the same numbers.
 from onnx import helper, numpy_helper
 
 from ..losses import loss_gradient_model
-from ..onnx_graphs import OPSET, append_piece, onnx_elem_type, parse_piece, scalar_input
+from ..onnx_graphs import (
+    OPSET,
+    append_piece,
+    append_sum,
+    existing_names,
+    onnx_elem_type,
+    parse_piece,
+    scalar_input,
+)
 from .problem import (
     FLAT_GRADIENT,
     FLAT_WEIGHTS,
@@ -24,18 +32,6 @@ from .problem import (
     updated_name,
 )
 
-_ADD_TEXT = """
-add_terms ({T}[] a, {T}[] b) => ({T}[] total) {{
-    total = Add(a, b)
-}}
-"""
-
-_SAME_TEXT = """
-same ({T}[] a) => ({T}[] same) {{
-    same = Identity(a)
-}}
-"""
-
 _FLATTEN_TEXT = """
 flatten ({T}[] value) => ({T}[] flat) {{
     shape = Constant<value = int64[1] {{-1}}>()
@@ -44,23 +40,9 @@ flatten ({T}[] value) => ({T}[] flat) {{
 """
 
 
-def defined_names(graph):
-    """Names ``graph`` defines: inputs, initializers and node outputs."""
-    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    names.update(o for n in graph.node for o in n.output if o)
-    return names
-
-
-def set_input_shape(graph, name, dtype, shape):
-    """Give the graph input ``name`` the element type ``dtype`` and ``shape``."""
-    for value in graph.input:
-        if value.name == name:
-            value.CopyFrom(helper.make_tensor_value_info(name, onnx_elem_type(dtype), shape))
-
-
 def declare_input(graph, name, dtype, shape):
     """Add the graph input ``name`` unless ``graph`` defines that value."""
-    if name not in defined_names(graph):
+    if name not in existing_names(graph):
         graph.input.append(helper.make_tensor_value_info(name, onnx_elem_type(dtype), shape))
 
 
@@ -124,24 +106,6 @@ def append_penalty(graph, problem, weights=FLAT_WEIGHTS, penalty=PENALTY):
         mapping[name] = full
     append_piece(graph, problem.penalty.piece(problem.dtype), "onnxfit.penalty.", mapping,
                  {"penalty": penalty})
-
-
-def append_sum(graph, terms, total, dtype, prefix):
-    """Append ``total = terms[0] + terms[1] + ...`` (values of ``dtype``).
-
-    Intermediate names start with ``prefix``, which must not be the prefix
-    of another piece of ``graph``.
-    """
-    if len(terms) == 1:
-        append_piece(graph, parse_piece(_SAME_TEXT, dtype), prefix, {"a": terms[0]},
-                     {"same": total})
-        return
-    add = parse_piece(_ADD_TEXT, dtype)
-    current = terms[0]
-    for k, term in enumerate(terms[1:]):
-        out = total if k == len(terms) - 2 else f"{prefix}partial{k}"
-        append_piece(graph, add, f"{prefix}add{k}.", {"a": current, "b": term}, {"total": out})
-        current = out
 
 
 def append_flat_gradient(graph, problem, gradients, flat):

@@ -20,7 +20,8 @@ Two backends build the graphs:
   standard ONNX operators only, run by any onnxruntime build;
 * ``'onnxruntime-training'`` (:mod:`.ort_training`): the gradient builder
   of onnxruntime-training-cpu 1.19.2, when that build is installed (Python
-  3.12 and older).  It is the reference onnxfit's rules are checked against.
+  3.12 and older), kept as a second opinion: onnxfit's rules are checked
+  against finite differences, PyTorch and gradients saved from it.
 """
 
 from dataclasses import dataclass, field

@@ -8,7 +8,8 @@ training-only gradient kernels it emits (ReluGrad, SigmoidGrad, TanhGrad,
 Scale, FusedMatMul) become standard operators, and the backward pass reads
 each cotangent directly instead of differentiating the inner products.
 ConvGrad, MaxPoolGrad and the like stay: such graphs need the training build
-at run time.  It is the reference onnxfit's own rules are checked against.
+at run time.  Gradients saved from it are among the references of onnxfit's
+own (tests/zoo), and CI compares the two backends live.
 
 Everything that touches the training build's private API
 (``onnxruntime.capi._pybind_state``) lives here.  ``import
@@ -36,6 +37,8 @@ from onnx import TensorProto, helper
 
 from ..onnx_graphs import (
     append_piece,
+    append_sum,
+    existing_names,
     fold_cast_like,
     numpy_dtype,
     onnx_elem_type,
@@ -77,9 +80,6 @@ def check_available():
         )
 
 
-
-
-
 def gradient_name(weight_name):
     """Name of the gradient output the builder gives ``weight_name``."""
     return weight_name + "_grad"
@@ -89,12 +89,6 @@ _INNER_PRODUCT_TEXT = """
 inner_product ({T}[] a, {T}[] b) => ({T} inner) {{
     product = Mul(a, b)
     inner = ReduceSum<keepdims = 0>(product)
-}}
-"""
-
-_ADD_TEXT = """
-add_terms ({T} a, {T} b) => ({T} total) {{
-    total = Add(a, b)
 }}
 """
 
@@ -119,7 +113,7 @@ def vjp(model, seeds, wrt, gradient_names):
     types = value_types(inferred)
     shapes = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
               + list(inferred.graph.input)}
-    defined = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    defined = existing_names(graph)
     readers = {name for node in graph.node for name in node.input}
     terms, direct = [], []
     for k, (value, seed) in enumerate(seeds.items()):
@@ -140,14 +134,8 @@ def vjp(model, seeds, wrt, gradient_names):
         terms.append((inner, dtype))
         if value not in readers and value not in wrt:
             direct.append((value, seed))
-    total, dtype = terms[0]
-    for k, (term, _) in enumerate(terms[1:]):
-        out = SURROGATE if k == len(terms) - 2 else f"{SURROGATE}.partial{k}"
-        append_piece(graph, parse_piece(_ADD_TEXT, dtype), f"{SURROGATE}.add{k}.",
-                     {"a": total, "b": term}, {"total": out})
-        total = out
-    if total != SURROGATE:
-        graph.node.append(helper.make_node("Identity", [total], [SURROGATE]))
+    dtype = terms[0][1]
+    append_sum(graph, [term for term, _ in terms], SURROGATE, dtype, prefix=f"{SURROGATE}.")
     outputs = list(graph.output)
     del graph.output[:]
     graph.output.extend(outputs)
