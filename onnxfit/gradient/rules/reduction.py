@@ -7,7 +7,8 @@ opset 18, ReduceSum before 13) or as a constant or computed input.
 
 import numpy as np
 
-from .registry import rule
+from ...sessions import onnxruntime_version
+from .registry import NotDifferentiable, rule
 
 
 def _axes(g, node):
@@ -44,6 +45,13 @@ def _count(g, node, axes):
     return g.CastLike(g.Div(g.Size(x), g.Size(y)), y)
 
 
+#: Reductions that onnxruntime before 1.24 computes as the identity when
+#: their axes, given at run time, are empty and noop_with_empty_axes=1 (the
+#: specification squares, or takes the absolute value): no gradient can
+#: match both.
+_NOOP_FIXED_IN = {"ReduceSumSquare": (1, 24), "ReduceL1": (1, 24)}
+
+
 def _reduction(compute):
     """Wrap ``compute(g, node, dy_restored, axes) -> dx``; handles the
     reductions that reduce nothing."""
@@ -52,6 +60,15 @@ def _reduction(compute):
         axes = _axes(g, node)
         if axes == "none":
             return [dys[0], None]
+        fixed = _NOOP_FIXED_IN.get(node.op_type)
+        if (fixed and isinstance(axes, str) and node.attr("noop_with_empty_axes", 0)
+                and onnxruntime_version()[:2] < fixed):
+            raise NotDifferentiable(
+                f"onnxruntime {'.'.join(map(str, onnxruntime_version()))} computes it as the "
+                "identity when its run-time axes are empty (noop_with_empty_axes=1), against "
+                f"the ONNX specification: upgrade onnxruntime to {'.'.join(map(str, fixed))} "
+                "or newer."
+            )
         restored = _restored(g, node, dys[0], axes)
         return [compute(g, node, restored, axes), None]
 
