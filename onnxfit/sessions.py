@@ -22,7 +22,7 @@ import onnx
 
 try:
     import onnxruntime
-except ImportError as exc:  # pragma: no cover - exercised by hand, not in CI
+except ImportError as exc:  # pragma: no cover - CI's no-runtime lane runs it in a subprocess
     raise ImportError(
         "onnxfit needs onnxruntime, and none is installed. Install the build that "
         "fits your machine: pip install 'onnxfit[cpu]' (plain onnxruntime), "
