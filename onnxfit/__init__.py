@@ -6,6 +6,7 @@ pluggable learning-rate objects.
 """
 
 from .function import OnnxFunction
+from .gradient_check import check_gradients
 from .classifier import OnnxSGDClassifier
 from .learning_rate import BaseLearningRate, LearningRateSGD, LearningRateSGDNesterov
 from .losses import (
@@ -47,4 +48,5 @@ __all__ = [
     "ModifiedHuberLoss",
     "ElasticNetPenalty",
     "OnnxFunction",
+    "check_gradients",
 ]
