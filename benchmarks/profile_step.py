@@ -54,7 +54,8 @@ def breakdown(key, n_samples=100_000):
     engine = est._runtime.engine
     X, n, b = wl.X, wl.n_samples, wl.batch_size
     steps = -(-n // b)
-    buffers = engine._batch_buffers(b, X.shape[1])
+    buffers = engine._batch_buffers(b)
+    inputs = {"X": np.ascontiguousarray(X, dtype=buffers.inputs["X"].dtype)}
     binding = buffers.bound.bindings[0]
     if wl.task == "classification":
         labels = buffers.label.copy()
@@ -68,7 +69,7 @@ def breakdown(key, n_samples=100_000):
     def gather():
         s = (k[0] % (n // b)) * b
         k[0] += 1
-        buffers.gather(X, labels, weights, order[s:s + b])
+        buffers.gather(inputs, labels, weights, order[s:s + b])
 
     parts = {
         "run": _loop_us(lambda: engine._run(binding), 1000) * steps,

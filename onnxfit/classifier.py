@@ -17,6 +17,7 @@ from .classifier_graph import (
     rewrite_linear_classifiers,
 )
 from .estimator import BaseOnnxSGD
+from .inputs import take_rows
 from .losses import CLASSIFICATION_LOSSES, BaseLoss, HingeLoss, ModifiedHuberLoss, make_loss
 from .model import OnnxModel, linear_model
 
@@ -166,7 +167,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        learning_rate="nesterov", loss="log_loss", penalty="l2", alpha=1e-4,
+        input_columns=None, train_mode=True, learning_rate="nesterov", loss="log_loss", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
@@ -174,7 +175,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
-            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            input_columns=input_columns, train_mode=train_mode, learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
@@ -311,8 +312,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         except ValueError:  # a class too small to stratify: plain split
             return super()._validation_split(n_samples, y, rng)
 
-    def _validation_score(self, X, y, weights):
-        columns = self._columns_of(self._predict_raw(X, weights), self._graph_info.link)
+    def _validation_score(self, inputs, y, weights, statistics):
+        columns = self._columns_of(self._predict_raw(inputs, weights, statistics),
+                                   self._graph_info.link)
         return accuracy_score(column_or_1d(y), self.classes_[self._class_of_column[columns]])
 
     # -- the graph --------------------------------------------------------------
@@ -320,14 +322,12 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         n_classes = len(self.classes_)
         return linear_model(n_features, 1 if n_classes == 2 else n_classes, dtype)
 
-    def _prepare_model(self, model, X):
+    def _prepare_model(self, model):
         model = rewrite_linear_classifiers(model)
         model = infer_value_types(model)
         init_names = {i.name for i in model.graph.initializer}
         inputs = [i.name for i in model.graph.input if i.name not in init_names]
-        if len(inputs) != 1:  # let OnnxModel explain
-            return OnnxModel(model, self.weights_to_train, self.output_name)
-        info = analyse_classifier_graph(model, inputs[0], self.output_name)
+        info = analyse_classifier_graph(model, inputs, self.output_name)
         weights = self.weights_to_train
         if weights is None:
             weights = info.default_weights
@@ -335,8 +335,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         self._graph_info = info
         return onnx_model
 
-    def _probe_label_shape(self, X, labels):
-        out = self._predict_raw(X[:1], self.weights_)
+    def _probe_label_shape(self, inputs, labels):
+        out = self._predict_raw(take_rows(inputs, slice(0, 1)), self.weights_)
         label_shape = tuple(out.shape[1:])
         width = int(np.prod(label_shape)) if label_shape else 1
         self._set_columns(width)

@@ -246,7 +246,7 @@ class ClassifierGraph:
     default_weights: object = None
 
 
-def analyse_classifier_graph(model, input_name, output_name=None):
+def analyse_classifier_graph(model, input_names, output_name=None):
     """Find the value to train and the probability/label outputs.
 
     Parameters
@@ -254,7 +254,8 @@ def analyse_classifier_graph(model, input_name, output_name=None):
     model : onnx.ModelProto
         Graph with inferred shapes (``onnx.shape_inference.infer_shapes``)
         and no LinearClassifier (see :func:`rewrite_linear_classifiers`).
-    input_name : str
+    input_names : list of str
+        The graph inputs (the data).
     output_name : str or None
         The user's choice: the value holding the class scores or
         probabilities.  None picks the tensor feeding a ZipMap, else the
@@ -318,7 +319,7 @@ def analyse_classifier_graph(model, input_name, output_name=None):
     # Only a converted classifier (label or ZipMap output) names its classes.
     graph_classes = _graph_classes(model, zipmaps, probabilities) if labelled else None
 
-    scores = _find_scores(graph, input_name, producers, probabilities)
+    scores = _find_scores(graph, input_names, producers, probabilities)
     link = None
     if scores is not None:
         link = _identify_link(model, scores, probabilities, types)
@@ -336,7 +337,7 @@ def analyse_classifier_graph(model, input_name, output_name=None):
         # "1" in 1 - p).
         default = None
         if scores is not None:
-            default = _float_initializers_feeding(model, input_name, scores)
+            default = _float_initializers_feeding(model, input_names, scores)
         return ClassifierGraph(
             trained_output=probabilities,
             link="probability",
@@ -388,12 +389,12 @@ def _is_constant(name, graph_inits, producers):
     return node is not None and node.op_type == "Constant"
 
 
-def _find_scores(graph, input_name, producers, target):
+def _find_scores(graph, input_names, producers, target):
     """The one value that every path from the input to ``target`` leaves
     through last affine operator (MatMul/Gemm/Conv, or a bias Add after one);
     None if paths end on several such values or reach the input directly."""
     inits = {i.name for i in graph.initializer}
-    dynamic = {input_name}
+    dynamic = set(input_names)
     for node in graph.node:  # nodes of a valid graph are topologically sorted
         if any(i in dynamic for i in node.input if i):
             dynamic.update(o for o in node.output if o)
@@ -429,8 +430,8 @@ def _is_bias_add(node, dynamic, producers, inits):
     )
 
 
-def _float_initializers_feeding(model, input_name, name):
-    forward = Extractor(model).extract_model([input_name], [name])
+def _float_initializers_feeding(model, input_names, name):
+    forward = Extractor(model).extract_model(list(input_names), [name])
     return [
         i.name for i in forward.graph.initializer if numpy_dtype(i.data_type) is not None
     ]

@@ -23,12 +23,14 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from .engines import ENGINES, TrainingProblem, make_engine
 from .gradient import BACKENDS, check_backend
+from .inputs import InputSpec, n_samples, take_rows, to_graph_inputs
 from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
 from .losses import BaseLoss
 from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import onnx_elem_type
 from .penalties import ElasticNetPenalty, make_penalty
 from .sessions import make_session
+from .training_mode import TrainingGraph, inference_graph, training_graph
 
 
 class _Runtime:
@@ -43,6 +45,8 @@ class _Runtime:
 
     def clear(self):
         self.model = None
+        self.training_graph = None
+        self.predict_model = None
         self.predict_session = None
         self.export_session = None
         self.engine = None
@@ -90,6 +94,8 @@ class BaseOnnxSGD(BaseEstimator):
         "onnx_model": [None, onnx.ModelProto, bytes, str, os.PathLike],
         "weights_to_train": [None, list, tuple, str],
         "output_name": [None, str],
+        "input_columns": [None, dict],
+        "train_mode": ["boolean"],
         "learning_rate": [StrOptions({"sgd", "nesterov"}), BaseLearningRate],
         "loss": [str, BaseLoss],
         "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],
@@ -112,7 +118,7 @@ class BaseOnnxSGD(BaseEstimator):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
+        input_columns=None, train_mode=True, learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
@@ -124,6 +130,8 @@ class BaseOnnxSGD(BaseEstimator):
         self.onnx_model = onnx_model
         self.weights_to_train = weights_to_train
         self.output_name = output_name
+        self.input_columns = input_columns
+        self.train_mode = train_mode
         self.learning_rate = learning_rate
         self.loss = loss
         self.penalty = penalty
@@ -159,7 +167,8 @@ class BaseOnnxSGD(BaseEstimator):
         """The linear graph used when ``onnx_model`` is None."""
         raise NotImplementedError
 
-    def _validation_score(self, X, y_true_raw, weights):
+    def _validation_score(self, inputs, y_true_raw, weights, statistics):
+        """Score of ``weights`` and running ``statistics`` on validation data."""
         raise NotImplementedError
 
     def _validation_split(self, n_samples, y, rng):
@@ -211,9 +220,9 @@ class BaseOnnxSGD(BaseEstimator):
             self.__dict__.clear()
             self.__dict__.update(previous)
             raise
-        X, y, labels, sample_weight, uniform = prepared
+        inputs, y, labels, sample_weight, uniform = prepared
         return self._run_epochs(
-            X, y, labels, sample_weight, uniform, max_iter, use_early_stopping
+            inputs, y, labels, sample_weight, uniform, max_iter, use_early_stopping
         )
 
     def _prepare_training(self, X, y, sample_weight, reset, keep_weights, first_call, classes):
@@ -221,8 +230,9 @@ class BaseOnnxSGD(BaseEstimator):
 
         Returns
         -------
-        X, y, labels, sample_weight, uniform
-            Data in the graph's dtypes (labels may also be one-hot column
+        inputs, y, labels, sample_weight, uniform
+            One array per graph input (see :mod:`onnxfit.inputs`), y as
+            validated, labels in the graph's dtype (or one-hot column
             indices, see ``_encode_labels``); ``uniform`` is True when every
             sample weight is 1 (the engines then skip gathering them), and
             ``sample_weight`` is None when none was given and no class
@@ -231,31 +241,34 @@ class BaseOnnxSGD(BaseEstimator):
         if keep_weights and not first_call:
             self._check_same_model()
         check_backend(self.gradient_backend)
+        start = reset or first_call
+        rebuild = start and not (keep_weights and not first_call)
+        # The graph decides how X feeds it: load it before validating X.
+        onnx_model = self._load_model() if rebuild else None
         # scikit-learn's finiteness checks, with a faster first pass (see
         # assert_finite); everything else is validated as usual.
         with config_context(assume_finite=True):
-            X, y = validate_data(
-                self, X, y, reset=reset and not keep_weights or first_call,
-                dtype=[np.float64, np.float32], multi_output=True,
-                y_numeric=self._y_numeric,
-            )
+            inputs, y = self._validate_inputs(
+                X, y, onnx_model, rebuild, reset=reset and not keep_weights or first_call)
             uniform = sample_weight is None
             if sample_weight is not None:
                 sample_weight = _check_sample_weight(
-                    sample_weight, X, dtype=np.float64, ensure_non_negative=True
+                    sample_weight, np.empty((n_samples(inputs), 0)), dtype=np.float64,
+                    ensure_non_negative=True,
                 )
-        assert_finite(X, "X", self)
+        for name, values in inputs.items():
+            assert_finite(values, "X" if len(inputs) == 1 else f"X[{name!r}]", self)
         assert_finite(y, "y", self)
         if sample_weight is not None:
             assert_finite(sample_weight, "sample_weight", self)
-        labels = self._validate_targets(y, reset=reset or first_call, classes=classes)
+        labels = self._validate_targets(y, reset=start, classes=classes)
         # Uniform weights stay None (no array of ones is made or gathered)
         # unless the hook weights the samples, as class weights do.
         sample_weight = self._weight_samples(labels, sample_weight)
         if sample_weight is not None:
             uniform = uniform and bool(np.all(sample_weight == 1))
-        if reset or first_call:
-            self._start(X, labels, keep_weights=keep_weights and not first_call)
+        if start:
+            self._start(inputs, labels, onnx_model, keep_weights=not rebuild)
         if sample_weight is not None:
             sample_weight = sample_weight.astype(self.dtype_, copy=False)
         labels = self._encode_labels(labels)
@@ -272,32 +285,58 @@ class BaseOnnxSGD(BaseEstimator):
             )
         if labels.dtype.kind not in "iu":
             labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
-        X = np.ascontiguousarray(X, dtype=self.input_dtype_)
-        return X, y, labels, sample_weight, uniform
+        return inputs, y, labels, sample_weight, uniform
 
-    def _run_epochs(self, X, y, labels, sample_weight, uniform, max_iter, use_early_stopping):
+    def _load_model(self):
+        """The :class:`OnnxModel` of ``onnx_model`` (None for the default
+        linear model, which is built once X's width is known)."""
+        if self.onnx_model is None:
+            return None
+        return self._prepare_model(normalise_model(load_onnx(self.onnx_model)))
+
+    def _input_specs(self):
+        """The graph inputs with the per-sample shapes of the fitted data."""
+        return [InputSpec(s.name, s.dtype, self.input_shapes_[s.name])
+                for s in self._get_model().input_specs]
+
+    def _validate_inputs(self, X, y, onnx_model, rebuild, reset):
+        """``X`` split into the graph's inputs (see :func:`to_graph_inputs`)
+        and ``y`` validated; ``onnx_model`` is the graph to fit on a rebuild
+        (None: the default linear model)."""
+        check = dict(multi_output=True, y_numeric=self._y_numeric)
+        if rebuild and onnx_model is None:
+            X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
+                                 **check)
+            return {"X": np.ascontiguousarray(X)}, y
+        specs = onnx_model.input_specs if rebuild else self._input_specs()
+        return to_graph_inputs(self, X, y, specs, self.input_columns, reset, **check)
+
+    def _run_epochs(self, inputs, y, labels, sample_weight, uniform, max_iter,
+                    use_early_stopping):
         """The training loop shared by ``fit`` and ``partial_fit``."""
         engine = self._get_engine()
-        engine.set_state(self.weights_, self._update_state)
+        engine.set_state(self.weights_, self._update_state, self.running_statistics_)
         schedule_state = self._schedule_state
         learning_rate = self._learning_rate
 
         rng = self._rng
         validation = None
         if use_early_stopping:
-            train_idx, val_idx = self._validation_split(len(X), y, rng)
+            n = n_samples(inputs)
+            train_idx, val_idx = self._validation_split(n, y, rng)
             if len(val_idx) == 0 or len(train_idx) == 0:
                 raise ValueError(
                     f"validation_fraction={self.validation_fraction} leaves an empty "
-                    f"training or validation set for {len(X)} samples."
+                    f"training or validation set for {n} samples."
                 )
-            validation = (X[val_idx], y[val_idx])
-            X, labels = X[train_idx], labels[train_idx]
+            validation = (take_rows(inputs, val_idx), y[val_idx])
+            inputs, labels = take_rows(inputs, train_idx), labels[train_idx]
             if sample_weight is not None:
                 sample_weight = sample_weight[train_idx]
 
-        batch_size = self._batch_size(len(X))
-        n_batches = -(-len(X) // batch_size)
+        n = n_samples(inputs)
+        batch_size = self._batch_size(n)
+        n_batches = -(-n // batch_size)
         progress = None
         if self.verbose:
             from tqdm.auto import tqdm
@@ -312,10 +351,11 @@ class BaseOnnxSGD(BaseEstimator):
                 # intp indices: int32 would save half of this array's memory
                 # but cost 7 % of a linear model's epoch (a cast in every take,
                 # a slower shuffle).
-                order = rng.permutation(len(X)) if self.shuffle else np.arange(len(X))
+                order = rng.permutation(n) if self.shuffle else np.arange(n)
                 rates = learning_rate.rates(schedule_state, n_batches)
                 loss = engine.run_epoch(
-                    X, labels, None if uniform else sample_weight, order, batch_size, rates
+                    inputs, labels, None if uniform else sample_weight, order, batch_size,
+                    rates, rng=rng,
                 )
                 self.n_iter_ += 1
                 self.t_ += n_batches
@@ -331,7 +371,8 @@ class BaseOnnxSGD(BaseEstimator):
                     progress.set_postfix(loss=f"{loss:.6g}")
                 if validation is not None:
                     state = engine.get_state()
-                    score = self._validation_score(validation[0], validation[1], state[0])
+                    score = self._validation_score(
+                        validation[0], validation[1], state[0], state[2])
                     self.validation_scores_.append(score)
                     if score > best_score:
                         best_state = state
@@ -357,12 +398,12 @@ class BaseOnnxSGD(BaseEstimator):
         finally:
             if progress is not None:
                 progress.close()
-            self.weights_, self._update_state = engine.get_state()
+            self.weights_, self._update_state, self.running_statistics_ = engine.get_state()
             self._runtime.export_session = None
         if best_state is not None:
             # The best epoch's weights with their own update-rule state, so
             # that a later partial_fit continues from that epoch.
-            self.weights_, self._update_state = best_state
+            self.weights_, self._update_state, self.running_statistics_ = best_state
         self.best_loss_ = best_loss
         return self
 
@@ -392,7 +433,7 @@ class BaseOnnxSGD(BaseEstimator):
         to one-hot rows batch by batch); regression uses them as they are."""
         return labels
 
-    def _prepare_model(self, model, X):
+    def _prepare_model(self, model):
         """Hook: the :class:`OnnxModel` to train for the normalised graph
         ``model`` (classification rewrites some converter operators and picks
         the scores to train)."""
@@ -419,26 +460,28 @@ class BaseOnnxSGD(BaseEstimator):
                 present.add(name)
         return model
 
-    def _start(self, X, labels, keep_weights):
+    def _start(self, inputs, labels, onnx_model, keep_weights):
         """Build the model and reset the training state (``fit`` or the first
-        ``partial_fit``)."""
+        ``partial_fit``); ``onnx_model`` is the loaded graph (None: the
+        default linear model)."""
         if not keep_weights:
             self._runtime = runtime = _Runtime()
             self._model_spec = self._current_model_spec()
-            if self.onnx_model is None:
+            if onnx_model is None:
+                X = inputs["X"]
                 dtype = np.float64 if X.dtype == np.float64 else np.float32
-                model = self._default_model(X.shape[1], labels, dtype)
-            else:
-                model = normalise_model(load_onnx(self.onnx_model))
-            onnx_model = self._prepare_model(model, X)
+                onnx_model = self._prepare_model(
+                    self._default_model(X.shape[1], labels, dtype))
             runtime.model = onnx_model
             self.onnx_model_ = onnx_model.model
             self.trained_output_ = onnx_model.output_name
             self.weights_to_train_ = list(onnx_model.weight_names)
             self.dtype_ = onnx_model.dtype
             self.input_dtype_ = onnx_model.input_dtype
+            self.input_shapes_ = {name: tuple(v.shape[1:]) for name, v in inputs.items()}
             self.weights_ = onnx_model.initial_weights()
-            self.label_shape_ = self._probe_label_shape(X, labels)
+            self.running_statistics_ = dict(self._get_training_graph().initial_statistics)
+            self.label_shape_ = self._probe_label_shape(inputs, labels)
         learning_rate = make_learning_rate(self.learning_rate)
         self._update_state = {
             w: learning_rate.initial_state(a) for w, a in self.weights_.items()
@@ -463,20 +506,21 @@ class BaseOnnxSGD(BaseEstimator):
         weights = self.weights_to_train
         if weights is not None and not isinstance(weights, str):
             weights = tuple(weights)
-        return (source, weights, self.output_name)
+        return (source, weights, self.output_name, self.train_mode)
 
     def _check_same_model(self):
         """A warm start keeps weights: the graph they belong to must not change."""
         if self._current_model_spec() != getattr(self, "_model_spec", None):
             raise ValueError(
                 "warm_start=True keeps the weights of the previous fit, but onnx_model, "
-                "weights_to_train or output_name changed since; set warm_start=False "
+                "weights_to_train, output_name or train_mode changed since; set "
+                "warm_start=False "
                 "to train the new configuration from its initial weights."
             )
 
-    def _probe_label_shape(self, X, labels):
+    def _probe_label_shape(self, inputs, labels):
         """Run the graph on one row to learn the trained output's shape."""
-        out = self._predict_raw(X[:1], self.weights_)
+        out = self._predict_raw(take_rows(inputs, slice(0, 1)), self.weights_)
         label_shape = tuple(out.shape[1:]) if out.ndim > 1 else ()
         want = labels.shape[1:]
         if int(np.prod(label_shape)) != int(np.prod(want)):
@@ -497,6 +541,49 @@ class BaseOnnxSGD(BaseEstimator):
             )
         return runtime.model
 
+    def _get_training_graph(self):
+        """The forward graph training runs: with Dropout and BatchNormalization
+        in training behaviour when ``train_mode`` (see
+        :mod:`onnxfit.training_mode`), else the graph as written."""
+        runtime = self._runtime
+        if runtime.training_graph is None:
+            forward = self._get_model().forward_model()
+            if self.train_mode:
+                runtime.training_graph = training_graph(
+                    forward, self.input_shapes_, self.weights_)
+            else:
+                runtime.training_graph = TrainingGraph(forward)
+        return runtime.training_graph
+
+    def _get_predict_model(self):
+        """The forward graph predictions run during training (validation
+        scores): inference behaviour, running statistics as inputs."""
+        runtime = self._runtime
+        if runtime.predict_model is None:
+            model = self._get_model().forward_model()
+            if self.train_mode:
+                model = inference_graph(model)
+                statistics = set(self.running_statistics_)
+                graph = model.graph
+                kept = [i for i in graph.initializer if i.name not in statistics]
+                if len(kept) != len(graph.initializer) or statistics:
+                    moved = [i for i in graph.initializer if i.name in statistics]
+                    del graph.initializer[:]
+                    graph.initializer.extend(kept)
+                    graph.input.extend(
+                        helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                        for i in moved)
+                    # Statistics written as Identity(weight) by the exporter.
+                    aliased = [n for n in graph.node if n.op_type == "Identity"
+                               and n.output[0] in statistics]
+                    for node in aliased:
+                        graph.node.remove(node)
+                        value = self.running_statistics_[node.output[0]]
+                        graph.input.append(helper.make_tensor_value_info(
+                            node.output[0], onnx_elem_type(value.dtype), list(value.shape)))
+            runtime.predict_model = model
+        return runtime.predict_model
+
     def _training_pieces(self):
         """The loss, penalty and update-rule objects the parameters name."""
         return (self._make_loss(), make_penalty(self.penalty, self.alpha, self.l1_ratio),
@@ -505,16 +592,18 @@ class BaseOnnxSGD(BaseEstimator):
     def _build_problem(self, pieces=None):
         """The :class:`TrainingProblem` of the current parameters."""
         loss, penalty, learning_rate = pieces or self._training_pieces()
-        model = self._get_model()
+        graph = self._get_training_graph()
         return TrainingProblem(
-            forward_model=model.forward_model(),
-            input_name=model.input_name,
+            forward_model=graph.model,
+            inputs=self._input_specs(),
             output_name=self.trained_output_,
             weight_names=list(self.weights_to_train_),
             weight_shapes={w: a.shape for w, a in self.weights_.items()},
             dtype=self.dtype_,
-            input_dtype=self.input_dtype_,
             label_shape=self.label_shape_,
+            masks=list(graph.masks),
+            statistics=dict(graph.statistics),
+            statistic_shapes={n: a.shape for n, a in self.running_statistics_.items()},
             loss=loss,
             penalty=penalty,
             learning_rate=learning_rate,
@@ -545,20 +634,22 @@ class BaseOnnxSGD(BaseEstimator):
         return runtime.engine
 
     # -- prediction -----------------------------------------------------------
-    def _predict_raw(self, X, weights):
-        """The trained output for ``X`` (already validated) and ``weights``."""
+    def _predict_raw(self, inputs, weights, statistics=None):
+        """The trained output for validated ``inputs`` (one array per graph
+        input), ``weights`` and running ``statistics`` (default: the
+        fitted ones), in inference behaviour."""
         runtime = self._runtime
-        model = self._get_model()
         if runtime.predict_session is None:
             runtime.predict_session = make_session(
-                model.forward_model(), self.n_threads, self.dtype_
+                self._get_predict_model(), self.n_threads, self.dtype_
             )
-        feeds = {model.input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
+        feeds = dict(inputs)
         feeds.update(weights)
+        feeds.update(self.running_statistics_ if statistics is None else statistics)
         return runtime.predict_session.run([self.trained_output_], feeds)[0]
 
     def _forward(self, X, output_names=None):
-        """Run the exported graph (see :meth:`to_onnx`) on validated ``X``.
+        """Run the exported graph (see :meth:`to_onnx`) on ``X``.
 
         Predictions come from the very graph ``to_onnx`` returns, so that an
         ``InferenceSession`` on the export reproduces them exactly.
@@ -569,13 +660,18 @@ class BaseOnnxSGD(BaseEstimator):
             The trained output, or the outputs named in ``output_names``.
         """
         check_is_fitted(self, "weights_")
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        if self.onnx_model is None and len(self.input_shapes_) == 1 and "X" in self.input_shapes_ \
+                and not isinstance(X, dict):
+            X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+            feeds = {"X": np.ascontiguousarray(X, dtype=self.input_dtype_)}
+        else:
+            feeds, _ = to_graph_inputs(self, X, None, self._input_specs(), self.input_columns,
+                                       reset=False)
         runtime = self._runtime
         if runtime.export_session is None:
             runtime.export_session = make_session(
                 self._prediction_model(), self.n_threads, self.dtype_
             )
-        feeds = {self._get_model().input_name: np.ascontiguousarray(X, dtype=self.input_dtype_)}
         if output_names is None:
             return runtime.export_session.run([self.trained_output_], feeds)[0]
         return runtime.export_session.run(list(output_names), feeds)
@@ -590,7 +686,8 @@ class BaseOnnxSGD(BaseEstimator):
             does.
         """
         check_is_fitted(self, "weights_")
-        return self._get_model().export(self.weights_)
+        model = self._get_model().export({**self.weights_, **self.running_statistics_})
+        return inference_graph(model) if self.train_mode else model
 
     # -- pickling ---------------------------------------------------------------
     def __getstate__(self):

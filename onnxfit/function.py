@@ -57,16 +57,17 @@ __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradie
 
 
 def build_model_runner(forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
-                       backend=DEFAULT_BACKEND):
+                       backend=DEFAULT_BACKEND, constant_outputs=()):
     """The forward and backward sessions of ``forward_model``'s gradient.
 
-    Every output of ``forward_model`` is seeded by its own cotangent input.
+    Every output of ``forward_model`` but ``constant_outputs`` (running
+    statistics) is seeded by its own cotangent input.
 
     Returns
     -------
     onnxfit.gradient.ForwardBackwardRunner
     """
-    outputs = [o for o in forward_model.graph.output]
+    outputs = [o for o in forward_model.graph.output if o.name not in set(constant_outputs)]
     seeds = {o.name: f"onnxfit.cotangent.{o.name}" for o in outputs}
     wrt = list(weight_names) + list(input_names_with_gradient)
     gradient = build_vjp(forward_model, seeds, wrt, backend=backend)
@@ -112,7 +113,7 @@ class ModelGradientCache:
         self._lock = threading.Lock()
 
     def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
-            backend=DEFAULT_BACKEND):
+            backend=DEFAULT_BACKEND, constant_outputs=()):
         """The runner of ``forward_model``'s gradient, built on first use.
 
         Parameters
@@ -127,6 +128,8 @@ class ModelGradientCache:
             onnxruntime intra-op threads (see :func:`onnxfit.sessions.default_threads`).
         backend : str, default='onnxfit'
             Gradient backend (see :mod:`onnxfit.gradient`).
+        constant_outputs : sequence of str, default=()
+            Outputs not differentiated (running statistics).
 
         Returns
         -------
@@ -134,7 +137,7 @@ class ModelGradientCache:
         """
         digest = hashlib.sha256(forward_model.SerializeToString()).hexdigest()
         key = (digest, tuple(weight_names), tuple(input_names_with_gradient),
-               None if n_threads is None else int(n_threads), backend)
+               None if n_threads is None else int(n_threads), backend, tuple(constant_outputs))
         with self._lock:
             runner = self._entries.get(key)
             if runner is not None:
@@ -142,7 +145,7 @@ class ModelGradientCache:
                 self.hits += 1
                 return runner
             runner = build_model_runner(forward_model, weight_names, input_names_with_gradient,
-                                        n_threads, backend)
+                                        n_threads, backend, constant_outputs)
             self.builds += 1
             self._entries[key] = runner
             while len(self._entries) > self.maxsize:

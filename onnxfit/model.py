@@ -21,7 +21,8 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 from onnx.utils import Extractor
 
-from .onnx_graphs import OPSET, numpy_dtype, onnx_elem_type, tensor_elem_type
+from .inputs import input_specs
+from .onnx_graphs import OPSET, node_reads, numpy_dtype, onnx_elem_type, tensor_elem_type
 from .sessions import SUPPORTED_EVERYWHERE, runtime_limits
 
 
@@ -156,6 +157,24 @@ def linear_model(n_features, n_outputs, dtype):
     return model
 
 
+def inputs_feeding(graph, name):
+    """Names of the graph inputs and initializers that value ``name``
+    depends on (through subgraphs too)."""
+    producer = {o: node for node in graph.node for o in node.output if o}
+    seen, stack, found = set(), [name], set()
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        node = producer.get(value)
+        if node is None:
+            found.add(value)
+        else:
+            stack.extend(node_reads(node))
+    return found
+
+
 class OnnxModel:
     """A user's ONNX graph prepared for training.
 
@@ -167,41 +186,83 @@ class OnnxModel:
         Initializers to train; None means every floating-point initializer
         the trained output depends on.
     output_name : str or None
-        Output to train; None picks the only output, or the first
-        floating-point tensor output.
+        The prediction; None picks the only output, or the first
+        floating-point tensor output (the first that is not ``loss_output``).
+    loss_output : str or None
+        A scalar (or per-sample) loss the graph computes itself from the
+        prediction and a label input: it is then what training minimises.
 
     Attributes
     ----------
-    input_name, output_name : str
+    input_names : list of str
+        The graph inputs the prediction reads (features), in graph order.
+    input_specs : list of onnxfit.inputs.InputSpec
+    label_name : str or None
+        With ``loss_output``: the graph input that only the loss reads.
+    output_name : str
+        The prediction.
+    trained_name : str
+        What training differentiates: ``loss_output``, or the prediction.
     weight_names : list of str
         Trainable initializers, in graph order.
     dtype : numpy dtype
-        Element type of the trained output; labels and updates use it.
+        Element type of the trained value; labels and updates use it.
     input_dtype : numpy dtype
-        Element type of the graph input; X is cast to it.
+        Element type of the first float input (the features X of a one-input
+        graph).
     """
 
-    def __init__(self, model, weights_to_train=None, output_name=None):
+    def __init__(self, model, weights_to_train=None, output_name=None, loss_output=None):
         self.model = model
         graph = model.graph
         init_names = {i.name for i in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in init_names]
-        if len(inputs) != 1:
-            raise ValueError(
-                "onnxfit trains graphs with exactly one input (the features X); "
-                f"this graph has {len(inputs)}: {[i.name for i in inputs]}."
-            )
-        self.input_name = inputs[0].name
-        self.input_dtype = numpy_dtype(tensor_elem_type(inputs[0]))
-        if self.input_dtype is None:
-            raise ValueError(
-                f"The graph input {self.input_name!r} must be a float or double "
-                "tensor."
-            )
+        inputs = [i.name for i in graph.input if i.name not in init_names]
+        if not inputs:
+            raise ValueError("The graph has no input: there is nothing to feed X to.")
+        self.loss_output = loss_output
         self.output_name = self._select_output(output_name)
-        self._forward = self._extract(self.output_name)
+        if loss_output is not None:
+            self._select_output(loss_output)
+            if loss_output == self.output_name:
+                raise ValueError(
+                    f"loss_output and output_name both name {loss_output!r}; output_name "
+                    "is the prediction, loss_output the loss computed from it."
+                )
+        feeding = inputs_feeding(graph, self.output_name)
+        self.input_names = [n for n in inputs if n in feeding]
+        if not self.input_names:
+            raise ValueError(
+                f"The output {self.output_name!r} does not depend on any graph input "
+                f"({inputs}): it cannot be trained on data."
+            )
+        self.label_name = None
+        if loss_output is not None:
+            labels = [n for n in inputs if n in inputs_feeding(graph, loss_output)
+                      and n not in feeding]
+            if len(labels) != 1:
+                raise ValueError(
+                    f"loss_output={loss_output!r} must read exactly one graph input besides "
+                    f"those of the prediction {self.output_name!r} ({self.input_names}): "
+                    f"its label input; it reads {labels or 'none'}."
+                )
+            self.label_name = labels[0]
+        else:
+            unused = [n for n in inputs if n not in feeding]
+            if unused:
+                raise ValueError(
+                    f"The graph inputs {unused} do not feed the output {self.output_name!r}. "
+                    "If the graph computes its own loss from a label input, name that "
+                    "loss with loss_output= (and the prediction with output_name=); "
+                    "otherwise pick the output that reads every input."
+                )
+        self.input_specs = input_specs(graph, self.input_names)
+        floats = [s for s in self.input_specs if not s.is_integer]
+        self.input_dtype = floats[0].dtype if floats else np.dtype(np.float32)
+        self.input_name = self.input_names[0]
+        self.trained_name = loss_output or self.output_name
+        self._forward = self._extract(self.trained_name)
         elem = tensor_elem_type(
-            next(o for o in self._forward.graph.output if o.name == self.output_name)
+            next(o for o in self._forward.graph.output if o.name == self.trained_name)
         )
         self.dtype = numpy_dtype(elem)
         self.weight_names = self._select_weights(weights_to_train)
@@ -220,7 +281,7 @@ class OnnxModel:
             if len(outputs) == 1:
                 output_name = outputs[0]
             else:
-                floats = self.float_outputs()
+                floats = [o for o in self.float_outputs() if o != self.loss_output]
                 if not floats:
                     raise ValueError(
                         f"No output of the graph is a float tensor: {outputs}."
@@ -242,7 +303,8 @@ class OnnxModel:
             # The extractor needs the type of an intermediate output_name,
             # which only shape inference records.
             inferred = onnx.shape_inference.infer_shapes(self.model)
-            forward = Extractor(inferred).extract_model([self.input_name], [output_name])
+            names = self.input_names + ([self.label_name] if self.label_name else [])
+            forward = Extractor(inferred).extract_model(names, [output_name])
         except Exception as exc:
             raise ValueError(
                 f"Cannot extract the part of the graph computing {output_name!r}: {exc}"
@@ -330,8 +392,9 @@ class OnnxModel:
     def forward_model(self):
         """The pruned graph with the trainable weights as graph inputs.
 
-        Graph inputs are ``[input_name] + weight_names``; the only output is
-        ``output_name``.
+        Graph inputs are ``input_names`` (then ``label_name`` when the graph
+        computes its loss) and ``weight_names``; the only output is
+        ``trained_name``.
         """
         model = onnx.ModelProto()
         model.CopyFrom(self._forward)
@@ -347,9 +410,11 @@ class OnnxModel:
                 keep.append(init)
         del graph.initializer[:]
         graph.initializer.extend(keep)
-        x_input = next(i for i in graph.input if i.name == self.input_name)
+        declared = {i.name: i for i in graph.input}
+        data = self.input_names + ([self.label_name] if self.label_name else [])
+        data_inputs = [declared[n] for n in data]
         del graph.input[:]
-        graph.input.append(x_input)
+        graph.input.extend(data_inputs)
         graph.input.extend(moved[n] for n in self.weight_names)
         return model
 

@@ -664,13 +664,13 @@ def test_one_hot_labels_are_built_batch_by_batch():
     assert columns.dtype == np.uint8 and columns.shape == (300,)
     problem = clf._build_problem()
     buffers = BatchBuffers(problem, 7)
-    buffers.allocate(X.shape[1])
+    buffers.allocate()
     indices = np.array([5, 0, 299, 42, 42, 17, 100])
-    data = X[:300].astype(problem.input_dtype)
-    buffers.gather(data, columns, None, indices)
+    data = X[:300].astype(problem.inputs[0].dtype)
+    buffers.gather({"X": data}, columns, None, indices)
     one_hot = np.eye(10, dtype=problem.dtype)[columns]
     assert_array_equal(buffers.label, one_hot[indices])
-    assert_array_equal(buffers.X, data[indices])
+    assert_array_equal(buffers.inputs["X"], data[indices])
     assert_allclose(buffers.sample_weight.ravel(), np.full(7, 1 / 7))
 
 

@@ -34,15 +34,20 @@ class BaseEngine:
         self._sets = [WeightSet(problem), WeightSet(problem)]
         self._parity = 0
 
-    def set_state(self, weights, states):
-        """Copy weights and update-rule state into the engine.
+    def set_state(self, weights, states, statistics=None):
+        """Copy weights, update-rule state and running statistics into the
+        engine.
 
         Parameters
         ----------
         weights : dict of str -> ndarray
         states : dict of str -> dict of str -> ndarray
             ``states[weight][state_name]``.
+        statistics : dict of str -> ndarray, optional
+            Running statistics (``TrainingProblem.statistics``).
         """
+        for name, array in self._sets[0].statistics.items():
+            np.copyto(array, statistics[name], casting="same_kind")
         current = self._sets[0].views
         for weight in self.problem.weight_names:
             np.copyto(current[weight], weights[weight], casting="same_kind")
@@ -55,14 +60,23 @@ class BaseEngine:
         self._parity = 0
 
     def get_state(self):
-        """Copies of the current weights and update-rule state."""
+        """Copies of the current weights, update-rule state and running
+        statistics."""
         current = self._sets[self._parity].views
         weights = {w: current[w].copy() for w in self.problem.weight_names}
         states = {
             w: {s: current[state_value_name(w, s)].copy() for s in self.problem.state_names}
             for w in self.problem.weight_names
         }
-        return weights, states
+        statistics = {n: a.copy() for n, a in self._sets[self._parity].statistics.items()}
+        return weights, states, statistics
+
+    def _bind_statistics(self, binding, parity):
+        """Bind the running statistics read from set ``parity``, and their
+        new values, written to the other set."""
+        for name, new in self.problem.statistics.items():
+            binding.bind_cpu_input(name, self._sets[parity].statistics[name])
+            bind_output_array(binding, new, self._sets[1 - parity].statistics[name])
 
     def _bind_update_rule(self, binding, parity):
         """Bind what the update rule reads from set ``parity`` and writes to
@@ -72,12 +86,14 @@ class BaseEngine:
         for name, array in self._sets[1 - parity].flat.items():
             bind_output_array(binding, updated_name(name), array)
 
-    def run_epoch(self, X, label, sample_weight, order, batch_size, rates):
+    def run_epoch(self, inputs, label, sample_weight, order, batch_size, rates, rng=None):
         """Run one pass of mini-batch updates.
 
         Parameters
         ----------
-        X : ndarray of shape (n_samples, n_features), input dtype, C-contiguous
+        inputs : dict of str -> ndarray
+            One C-contiguous array ``(n_samples, *shape)`` per data input of
+            the problem, in its dtype.
         label : ndarray of shape (n_samples,) + label_shape, or of integers
             Labels in the problem's dtype, or, for one-hot labels, the
             position of each sample's 1 in its flattened label (an integer
@@ -90,6 +106,8 @@ class BaseEngine:
         batch_size : int
         rates : ndarray of shape (n_batches,)
             Learning rate of each update.
+        rng : numpy.random.RandomState or Generator, optional
+            Draws the Dropout masks (needed when the problem has masks).
 
         Returns
         -------
@@ -97,24 +115,28 @@ class BaseEngine:
             Mean loss (penalty included) over the samples of the epoch.
         """
         n = len(order)
-        n_features = X.shape[1]
         n_full = n // batch_size
         # Full batches, then the last, partial one: one set of buffers each,
         # looked up once, so that a step is a gather, a rate and a run.
         spans = [(batch_size, 0, n_full), (n - n_full * batch_size, n_full, n_full + 1)]
         rates = np.asarray(rates).tolist()
         rate, loss, step_fn = self._rate, self._step_loss, self._step
+        masked = bool(self.problem.masks)
+        if masked and rng is None:
+            raise ValueError("The problem has Dropout masks: run_epoch needs an rng.")
         total = 0.0
         for size, first, last in spans:
             if size == 0 or first == last:
                 continue
-            buffers = self._batch_buffers(size, n_features)
+            buffers = self._batch_buffers(size)
             gather = buffers.gather
             span_total = 0.0
             parity = self._parity
             for step in range(first, last):
                 start = step * batch_size
-                gather(X, label, sample_weight, order[start:start + size])
+                gather(inputs, label, sample_weight, order[start:start + size])
+                if masked:
+                    buffers.draw_masks(rng)
                 rate[()] = rates[step]
                 step_fn(buffers, parity)
                 # Kept current at every step: an interrupted epoch still
@@ -129,7 +151,7 @@ class BaseEngine:
         write the other one, and the objective into ``_step_loss``."""
         raise NotImplementedError
 
-    def _batch_buffers(self, size, n_features):
+    def _batch_buffers(self, size):
         """Bound buffers for batches of ``size`` rows (built on first use).
 
         An epoch needs two sizes at most (the batch size and the last,
@@ -137,9 +159,9 @@ class BaseEngine:
         new remainders, so only the two most recently used sizes are kept.
         """
         buffers = self._buffers.pop(size, None)
-        if buffers is None or buffers.X.shape[1] != n_features:
+        if buffers is None:
             buffers = BatchBuffers(self.problem, size)
-            buffers.allocate(n_features)
+            buffers.allocate()
             self._bind_batch(buffers)
             while len(self._buffers) >= 2:
                 del self._buffers[next(iter(self._buffers))]

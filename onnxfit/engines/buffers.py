@@ -21,8 +21,12 @@ class BatchBuffers:
     Attributes
     ----------
     size : int
-    X, label, sample_weight : ndarray
-        The gathered batch (see :meth:`gather`).
+    inputs : dict of str -> ndarray
+        The gathered batch of each graph input fed from the data.
+    label, sample_weight : ndarray
+        The gathered labels and sample weights (see :meth:`gather`).
+    masks : dict of str -> ndarray
+        The Dropout masks, drawn anew at each step (see :meth:`draw_masks`).
     bound : object
         What the engine bound to these buffers (its sessions' IO bindings
         and its own per-batch buffers), set by the engine.
@@ -31,15 +35,24 @@ class BatchBuffers:
     def __init__(self, problem, batch_size):
         self.size = batch_size
         self.problem = problem
-        self.X = None
+        self.inputs = None
+        self.masks = None
         self.label = None
         self.sample_weight = None
         self.bound = None
 
-    def allocate(self, n_features):
-        """Allocate the buffers for data ``n_features`` wide."""
+    def allocate(self):
+        """Allocate the buffers."""
         problem = self.problem
-        self.X = np.empty((self.size, n_features), dtype=problem.input_dtype)
+        self.inputs = {
+            spec.name: np.zeros((self.size,) + tuple(spec.shape), dtype=spec.dtype)
+            for spec in problem.inputs
+        }
+        self.masks = {
+            mask.name: np.ones(mask.shape_for(self.size), dtype=mask.dtype)
+            for mask in problem.masks
+        }
+        self._mask_specs = list(problem.masks)
         self.label = np.empty((self.size,) + tuple(problem.label_shape), dtype=problem.dtype)
         # The losses take the weights divided by the batch size and shaped to
         # broadcast against the prediction (see onnxfit.losses).
@@ -51,9 +64,10 @@ class BatchBuffers:
         self._one_hot_rows = None  # made when labels come as column indices
         self._label_index = None
 
-    def gather(self, X, label, sample_weight, indices):
+    def gather(self, inputs, label, sample_weight, indices):
         """Copy the rows ``indices`` into the buffers.
 
+        ``inputs`` holds one array per graph input (as :attr:`inputs`);
         ``sample_weight=None`` means uniform weights: the buffer keeps
         ``1 / batch_size`` instead of being gathered at every step.
         """
@@ -61,7 +75,8 @@ class BatchBuffers:
         # indices come from a permutation, so they are always in range); the
         # ndarray method skips np.take's Python wrapper, which costs about as
         # much as gathering a small batch.
-        X.take(indices, axis=0, out=self.X, mode="clip")
+        for name, values in inputs.items():
+            values.take(indices, axis=0, out=self.inputs[name], mode="clip")
         if label.dtype.kind in "iu":  # column indices of one-hot labels
             if self._label_index is None or self._label_index.dtype != label.dtype:
                 self._label_index = np.empty(self.size, dtype=label.dtype)
@@ -83,6 +98,11 @@ class BatchBuffers:
             column *= 1.0 / self.size
             self.uniform_weights = False
 
+    def draw_masks(self, rng):
+        """Draw a new Dropout mask into each mask buffer."""
+        for mask in self._mask_specs:
+            mask.draw(rng, self.masks[mask.name])
+
 
 class WeightSet:
     """The weights and the update-rule state of a model, each a flat vector.
@@ -103,9 +123,15 @@ class WeightSet:
     views : dict
         Each weight name and ``state_value_name(weight, s)`` -> view of the
         weight's shape into the flat vectors.
+    statistics : dict
+        Each running statistic (see ``TrainingProblem.statistics``) -> array.
     """
 
     def __init__(self, problem):
+        self.statistics = {
+            name: np.zeros(problem.statistic_shapes[name], dtype=problem.dtype)
+            for name in problem.statistics
+        }
         offsets = problem.weight_offsets()
         self.flat, self.views = {}, {}
         for key, state in [(FLAT_WEIGHTS, None)] + [

@@ -155,11 +155,13 @@ class ForwardBackwardEngine(BaseEngine):
         threads = problem.n_threads
         self.model_runner = model_gradient_cache.get(
             problem.forward_model, problem.weight_names, n_threads=threads,
-            backend=problem.gradient_backend,
+            backend=problem.gradient_backend, constant_outputs=list(problem.statistics.values()),
         )
         split = self.model_runner.split
-        if split.input_names != [problem.input_name] + list(problem.weight_names) or (
-            split.output_names != [problem.output_name]
+        expected_inputs = (problem.input_names + list(problem.weight_names)
+                           + [m.name for m in problem.masks] + list(problem.statistics))
+        if sorted(split.input_names) != sorted(expected_inputs) or (
+            split.output_names != [problem.output_name] + list(problem.statistics.values())
         ):  # pragma: no cover - guards the split's documented behaviour
             raise RuntimeError(
                 f"Unexpected model gradient: inputs {split.input_names}, outputs "
@@ -216,17 +218,18 @@ class ForwardBackwardEngine(BaseEngine):
         self._bind_update_rule(binding, parity)
         return binding
 
-    def _shapes_fixed_by_batch(self, X):
+    def _shapes_fixed_by_batch(self, buffers):
         """Whether onnx can tell, from the batch's shape alone, the shape of
         every value the backward pass reads (it cannot when a shape is
         computed from the data: Reshape to a computed shape, NonZero, loops)."""
         split = self.model_runner.split
         model = onnx.ModelProto()
         model.CopyFrom(split.forward)
+        arrays = {**buffers.inputs, **buffers.masks}
         for value in model.graph.input:
-            if value.name == self.problem.input_name:
+            if value.name in arrays:
                 value.CopyFrom(helper.make_tensor_value_info(
-                    value.name, value.type.tensor_type.elem_type, list(X.shape)))
+                    value.name, value.type.tensor_type.elem_type, list(arrays[value.name].shape)))
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # a partially known graph: bind at each step
@@ -239,18 +242,28 @@ class ForwardBackwardEngine(BaseEngine):
                 return False
         return True
 
-    def _saved_buffers(self, size, X):
+    def _bind_forward_inputs(self, binding, buffers, parity):
+        """Bind what the forward pass reads: the batch, the masks, weights
+        and statistics of set ``parity``."""
+        for name, array in buffers.inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name, array in buffers.masks.items():
+            binding.bind_cpu_input(name, array)
+        for weight in self.problem.weight_names:
+            binding.bind_cpu_input(weight, self._sets[parity].views[weight])
+        for name, array in self._sets[parity].statistics.items():
+            binding.bind_cpu_input(name, array)
+
+    def _saved_buffers(self, buffers):
         """Buffers for the values the backward pass reads, shaped by one
-        forward run on a batch of ``size`` rows (onnxruntime's own shapes),
-        or None when their shapes may change from batch to batch."""
-        if not self._shapes_fixed_by_batch(X):
+        forward run on the batch buffers (onnxruntime's own shapes), or None
+        when their shapes may change from batch to batch."""
+        if not self._shapes_fixed_by_batch(buffers):
             return None
         split = self.model_runner.split
         session = self.model_runner.forward_session
         binding = session.io_binding()
-        binding.bind_cpu_input(self.problem.input_name, X)
-        for weight in self.problem.weight_names:
-            binding.bind_cpu_input(weight, self._sets[0].views[weight])
+        self._bind_forward_inputs(binding, buffers, 0)
         names = split.forward_output_names
         for name in names:
             binding.bind_output(name, "cpu")
@@ -265,21 +278,23 @@ class ForwardBackwardEngine(BaseEngine):
         shape = (buffers.size,) + tuple(problem.label_shape)
         prediction = np.empty(shape, dtype=problem.dtype)
         output_gradient = np.empty(shape, dtype=problem.dtype)
-        buffers.X[...] = 0  # read once below to size the saved values
-        saved = self._saved_buffers(buffers.size, buffers.X)
+        saved = self._saved_buffers(buffers)  # the buffers hold zeros and ones here
         dynamic = saved is None
         saved = {} if dynamic else saved
         saved[problem.output_name] = prediction
+        batch_values = {**buffers.inputs, **buffers.masks}
         forward, backward = [], []
         for parity in (0, 1):
             views = self._sets[parity].views
             binding = self.model_runner.forward_session.io_binding()
-            binding.bind_cpu_input(problem.input_name, buffers.X)
-            for weight in problem.weight_names:
-                binding.bind_cpu_input(weight, views[weight])
+            self._bind_forward_inputs(binding, buffers, parity)
+            new_statistics = {new: self._sets[1 - parity].statistics[name]
+                              for name, new in problem.statistics.items()}
             for name in split.forward_output_names:
                 if name in saved:
                     bind_output_array(binding, name, saved[name])
+                elif name in new_statistics:
+                    bind_output_array(binding, name, new_statistics[name])
                 else:  # data-dependent shapes: onnxruntime allocates at each step
                     binding.bind_output(name, "cpu")
             forward.append(binding)
@@ -287,10 +302,12 @@ class ForwardBackwardEngine(BaseEngine):
             for name in split.backward_input_names:
                 if name in saved:
                     binding.bind_cpu_input(name, saved[name])
-                elif name == problem.input_name:
-                    binding.bind_cpu_input(name, buffers.X)
+                elif name in batch_values:
+                    binding.bind_cpu_input(name, batch_values[name])
                 elif name in views:
                     binding.bind_cpu_input(name, views[name])
+                elif name in self._sets[parity].statistics:
+                    binding.bind_cpu_input(name, self._sets[parity].statistics[name])
             binding.bind_cpu_input(split.cotangent_names[problem.output_name], output_gradient)
             for weight, output in split.gradient_names.items():
                 bind_output_array(binding, output, self._gradient_views[weight])

@@ -59,10 +59,12 @@ MODEL_GRADIENT = "onnxfit.model_gradient"
 def build_fused_model(problem):
     """The whole training step as one graph.
 
-    Inputs: X, label, sample_weight, the weights, then the learning rate and
-    the flat weight and state vectors of the update rule.  Outputs: the loss
-    (penalty included), then the new flat weight and state vectors
-    (``updated_name(FLAT_WEIGHTS)``, ``updated_name(flat_state_name(s))``).
+    Inputs: the data inputs, label, sample_weight, the weights, the Dropout
+    masks and running statistics, then the learning rate and the flat weight
+    and state vectors of the update rule.  Outputs: the loss (penalty
+    included), the new flat weight and state vectors
+    (``updated_name(FLAT_WEIGHTS)``, ``updated_name(flat_state_name(s))``),
+    then the new running statistics.
     """
     dtype = problem.dtype
     elem = onnx_elem_type(dtype)
@@ -93,8 +95,10 @@ def build_fused_model(problem):
     else:
         append_flat_gradient(graph, problem, model_gradients, FLAT_GRADIENT)
     updates = append_update(graph, problem, FLAT_GRADIENT)
+    statistics = [o for o in graph.output if o.name in set(problem.statistics.values())]
     set_outputs(graph, [(LOSS, elem, [])])
     graph.output.extend(updates)
+    graph.output.extend(statistics)
     prune_graph(graph)
     if problem.gradient_backend == "onnxfit":
         # The other backend leaves training-only operators onnx does not know.
@@ -127,13 +131,17 @@ class FusedEngine(BaseEngine):
         bindings = []
         for parity in (0, 1):
             binding = self.session.io_binding()
-            binding.bind_cpu_input(problem.input_name, buffers.X)
+            for name, array in buffers.inputs.items():
+                binding.bind_cpu_input(name, array)
+            for name, array in buffers.masks.items():
+                binding.bind_cpu_input(name, array)
             binding.bind_cpu_input(LABEL, buffers.label)
             binding.bind_cpu_input(SAMPLE_WEIGHT, buffers.sample_weight)
             binding.bind_cpu_input(LEARNING_RATE, self._rate)
             for weight in problem.weight_names:
                 binding.bind_cpu_input(weight, self._sets[parity].views[weight])
             self._bind_update_rule(binding, parity)
+            self._bind_statistics(binding, parity)
             bind_output_array(binding, self._loss_name, self._step_loss)
             bindings.append(binding)
         buffers.bound = SimpleNamespace(bindings=bindings)

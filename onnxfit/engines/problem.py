@@ -47,15 +47,19 @@ class TrainingProblem:
     Attributes
     ----------
     forward_model : onnx.ModelProto
-        The model with inputs ``[input_name] + weight_names`` and the single
-        output ``output_name`` (see :meth:`onnxfit.model.OnnxModel.forward_model`).
-    input_name, output_name : str
+        The model with inputs: the data inputs, the weights, then the
+        Dropout masks and running statistics of ``masks`` and
+        ``statistics``; outputs: ``output_name``, then the new value of each
+        statistic (see :meth:`onnxfit.model.OnnxModel.forward_model` and
+        :func:`onnxfit.training_mode.training_graph`).
+    inputs : list of onnxfit.inputs.InputSpec
+        The graph inputs fed from the data, with the per-sample shapes of the
+        data (static).
+    output_name : str
     weight_names : list of str
     weight_shapes : dict of str -> tuple
     dtype : numpy dtype
         Element type of the output, labels, weights and updates.
-    input_dtype : numpy dtype
-        Element type of X.
     label_shape : tuple
         Shape of one sample's label (the model output without its batch
         dimension).
@@ -65,34 +69,49 @@ class TrainingProblem:
     n_threads : int or None
     gradient_backend : str
         Name of the gradient backend (see :mod:`onnxfit.gradient`).
+    masks : list of onnxfit.training_mode.DropoutMask
+        Inputs the engine fills with a fresh Dropout mask at each step.
+    statistics : dict of str -> str
+        Running statistic (a graph input, not trained) -> output holding its
+        new value after a step.
+    statistic_shapes : dict of str -> tuple
+    device : onnxfit.sessions.Device or None
+        Where the engine's sessions run (None: the CPU).
     penalized : list of str
         The weights the penalty applies to (set from ``penalty``).
     """
 
     forward_model: onnx.ModelProto
-    input_name: str
+    inputs: list
     output_name: str
     weight_names: list
     weight_shapes: dict
     dtype: np.dtype
-    input_dtype: np.dtype
     label_shape: tuple
     loss: object
     penalty: object
     learning_rate: object
     n_threads: object = None
     gradient_backend: str = "onnxfit"
+    masks: list = field(default_factory=list)
+    statistics: dict = field(default_factory=dict)
+    statistic_shapes: dict = field(default_factory=dict)
+    device: object = None
     penalized: list = field(init=False)
 
     def __post_init__(self):
         self.dtype = np.dtype(self.dtype)
-        self.input_dtype = np.dtype(self.input_dtype)
         if self.penalty is None:
             self.penalized = []
         else:
             self.penalized = [
                 n for n in self.weight_names if self.penalty.applies_to(self.weight_shapes[n])
             ]
+
+    @property
+    def input_names(self):
+        """Names of the graph inputs fed from the data."""
+        return [spec.name for spec in self.inputs]
 
     @property
     def state_names(self):

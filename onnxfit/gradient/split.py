@@ -45,7 +45,7 @@ class SplitGradient:
         What the backward graph reads: saved values, forward inputs, then
         cotangents.
     cotangent_names : dict of str -> str
-        Output -> name of its cotangent input.
+        Differentiated output -> name of its cotangent input.
     gradient_names : dict of str -> str
         Differentiated name -> gradient output of the backward graph.
     """
@@ -88,7 +88,9 @@ def split_gradient_graph(gradient_graph):
     Parameters
     ----------
     gradient_graph : onnxfit.gradient.GradientGraph
-        Seeded on the model's outputs only, each by a named cotangent.
+        Seeded on the model's outputs only, each by a named cotangent;
+        outputs without a seed (running statistics, say) are computed by
+        the forward graph and not differentiated.
 
     Returns
     -------
@@ -100,11 +102,10 @@ def split_gradient_graph(gradient_graph):
     producers = {o: k for k, n in enumerate(nodes) for o in n.output if o}
     output_names = list(gradient_graph.output_names)
     cotangents = dict(gradient_graph.cotangent_names)
-    missing = [o for o in output_names if o not in cotangents]
-    if missing or set(cotangents) - set(output_names):
+    if not cotangents or set(cotangents) - set(output_names):
         raise ValueError(
-            "split_gradient_graph needs a graph seeded on each of the model's outputs "
-            f"by a named cotangent; outputs {output_names}, seeds {sorted(cotangents)}."
+            "split_gradient_graph needs a graph seeded on the model's outputs by named "
+            f"cotangents; outputs {output_names}, seeds {sorted(cotangents)}."
         )
     gradients = list(gradient_graph.gradient_names.values())
     forward_ids = _needed(nodes, output_names, producers)
@@ -155,7 +156,8 @@ def split_gradient_graph(gradient_graph):
         [init for name, init in initializers.items() if name in forward_reads],
         value_info=_inner_infos(forward_nodes, infos, set(forward_outputs)),
     )
-    backward_input_names = saved + read_inputs + [cotangents[o] for o in output_names]
+    backward_input_names = saved + read_inputs + [
+        cotangents[o] for o in output_names if o in cotangents]
     backward = helper.make_graph(
         backward_nodes, graph.name + "_backward",
         [_value_info(name, types, infos) for name in backward_input_names],
