@@ -6,6 +6,10 @@ cotangents of its inputs; cotangents reaching one value from several
 consumers are summed.  Everything written is a default-domain ONNX
 operator, so the result runs on any onnxruntime build, CPU or GPU.
 
+Operators with an expansion instead of a rule (LSTM, GRU, RNN) are first
+replaced, in the returned graph only, by the equivalent subgraph their
+expansion writes, which the rules then differentiate.
+
 Before writing anything, the graph is checked: every operator between a
 differentiated weight and a seed must have a rule, and every weight must
 reach a seed through something other than operators whose derivative is
@@ -18,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_graphs import NodeWriter, node_reads, value_types
-from .rules import CONSTANT_INPUTS, RULES, ZERO_DERIVATIVE, NotDifferentiable
+from .rules import CONSTANT_INPUTS, EXPANSIONS, RULES, ZERO_DERIVATIVE, NotDifferentiable
 
 #: Oldest default-domain opset the rules write for: they use Shape with
 #: start/end and CastLike (opset 15) and ScatterElements with
@@ -309,6 +313,123 @@ def _node_label(node):
     return f"{node.op_type} (node {node.name or node.output[0]!r})"
 
 
+def _dependencies(nodes, wrt, seeds, types):
+    """Which weights each value depends on, and which values the seeds need.
+
+    Returns
+    -------
+    bits : dict of str -> int
+        The bit of each weight of ``wrt``.
+    through_rules, at_all : dict of str -> int
+        Masks of the weights each value depends on through differentiable
+        operators, and at all.  What a node reads includes what its
+        subgraphs (If, Loop, Scan) read.
+    on_path : set of str
+        Values some seed depends on.
+    """
+    bits = {name: 1 << k for k, name in enumerate(wrt)}
+    through_rules, at_all = dict(bits), dict(bits)
+    for node in nodes:
+        mask_any = 0
+        mask_diff = 0
+        constant = _constant_positions(node)
+        for name in node_reads(node):
+            mask_any |= at_all.get(name, 0)
+        for index, name in enumerate(node.input):
+            if index not in constant:
+                mask_diff |= through_rules.get(name, 0)
+        mask_diff |= _subgraph_mask(node, through_rules)
+        if not mask_any:
+            continue
+        passes = not (_is_default_domain(node) and node.op_type in ZERO_DERIVATIVE)
+        for name in node.output:
+            if not name:
+                continue
+            at_all[name] = mask_any
+            if mask_diff and passes and types.get(name, TensorProto.FLOAT) in FLOAT_TYPES:
+                through_rules[name] = mask_diff
+    on_path = set(seeds)
+    for node in reversed(nodes):
+        if any(name in on_path for name in node.output):
+            on_path.update(node_reads(node))
+    return bits, through_rules, at_all, on_path
+
+
+def _expand(graph, nodes, types, shapes, through_rules, on_path, bits, wrt, opset, prefix):
+    """Replace, in ``graph``, each node with an expansion (LSTM, GRU, RNN)
+    that lies between a differentiated weight and a seed by the subgraph its
+    expansion writes (see :data:`onnxfit.gradient.rules.EXPANSIONS`).
+
+    Returns
+    -------
+    bool
+        Whether a node was replaced (shapes must then be inferred again).
+
+    Raises
+    ------
+    GradientError
+        When an expansion refuses its node.
+    """
+    targets = [
+        node for node in nodes
+        if _is_default_domain(node) and node.op_type in EXPANSIONS
+        and any(through_rules.get(name, 0) for name in node.input if name)
+        and any(name in on_path for name in node.output if name)
+    ]
+    if not targets:
+        return False
+    taken = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    taken |= {o for n in nodes for o in n.output} | {n.name for n in nodes}
+    ctx = RuleContext(prefix + "expand.", opset, types, dict(shapes), _constants(graph), taken)
+    replaced = {}
+    for node in targets:
+        start = len(ctx.nodes)
+        view = NodeView(node, [bool(name) and name in through_rules for name in node.input])
+        try:
+            values = EXPANSIONS[node.op_type](ctx, view)
+        except NotDifferentiable as exc:
+            weights = [w for w in wrt if any(
+                through_rules.get(i, 0) & bits[w] for i in node.input if i)]
+            raise GradientError(
+                f"onnxfit cannot differentiate {_node_label(node)}: {exc} It lies "
+                f"between the differentiated {weights} and the loss; freeze them "
+                "(weights_to_train=...) or train another output (output_name=...)."
+            ) from None
+        written = ctx.nodes[start:]
+        _bind(ctx, written, values, node.output)
+        replaced[id(node)] = written
+    kept = []
+    for node in nodes:
+        kept.extend(replaced.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    return True
+
+
+def _bind(ctx, written, values, outputs):
+    """Make the ``written`` nodes compute ``values`` under the names of the
+    replaced node's ``outputs``: rename the producing node's output when no
+    other written node reads the value, otherwise copy it with Identity
+    (appended to ``written``)."""
+    producers = {o: node for node in written for o in node.output}
+    readers = {}
+    for node in written:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    renamed = {}
+    for value, target in zip(values, outputs):
+        if not target or value is None:
+            continue
+        node = producers.get(value)
+        if node is not None and not readers.get(value) and value not in renamed:
+            node.output[list(node.output).index(value)] = target
+            renamed[value] = target
+        else:
+            start = len(ctx.nodes)
+            ctx.Identity(renamed.get(value, value), outputs=[target])
+            written.extend(ctx.nodes[start:])
+
+
 def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
     """Append to ``model`` the vector-Jacobian products of its seeded values.
 
@@ -348,36 +469,13 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
     types = value_types(inferred)
     shapes = _static_shapes(inferred)
     nodes = list(graph.node)
-
-    # Which weights each value depends on: through differentiable operators
-    # (``through_rules``), and at all (``at_all``), as bit masks.  What a
-    # node reads includes what its subgraphs (If, Loop, Scan) read.
-    bits = {name: 1 << k for k, name in enumerate(wrt)}
-    through_rules, at_all = dict(bits), dict(bits)
-    for node in nodes:
-        mask_any = 0
-        mask_diff = 0
-        constant = _constant_positions(node)
-        for name in node_reads(node):
-            mask_any |= at_all.get(name, 0)
-        for index, name in enumerate(node.input):
-            if index not in constant:
-                mask_diff |= through_rules.get(name, 0)
-        mask_diff |= _subgraph_mask(node, through_rules)
-        if not mask_any:
-            continue
-        passes = not (_is_default_domain(node) and node.op_type in ZERO_DERIVATIVE)
-        for name in node.output:
-            if not name:
-                continue
-            at_all[name] = mask_any
-            if mask_diff and passes and types.get(name, TensorProto.FLOAT) in FLOAT_TYPES:
-                through_rules[name] = mask_diff
-    # Which values some seed depends on.
-    on_path = set(seeds)
-    for node in reversed(nodes):
-        if any(name in on_path for name in node.output):
-            on_path.update(node_reads(node))
+    bits, through_rules, at_all, on_path = _dependencies(nodes, wrt, seeds, types)
+    if _expand(graph, nodes, types, shapes, through_rules, on_path, bits, wrt, opset, prefix):
+        inferred = _infer(result)
+        types = value_types(inferred)
+        shapes = _static_shapes(inferred)
+        nodes = list(graph.node)
+        bits, through_rules, at_all, on_path = _dependencies(nodes, wrt, seeds, types)
 
     _check(nodes, seeds, wrt, bits, through_rules, at_all, on_path)
 

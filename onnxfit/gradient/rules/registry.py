@@ -16,10 +16,25 @@ reduces a cotangent shaped like the broadcast result ``y`` back to ``x``'s
 shape.  A rule that cannot handle a configuration of its operator raises
 :class:`NotDifferentiable` with the reason: the graph is then refused before
 training, with the node and the weights behind it named.
+
+Operators too large for one rule (LSTM, GRU, RNN) have an *expansion*
+instead, registered with :func:`expansion`: before the reverse pass, each
+such node on the way from a differentiated weight to the loss is replaced,
+in the gradient graph only, by an equivalent subgraph of operators that have
+rules (the recurrence unrolled over its time steps), which the rules then
+differentiate.  An expansion receives the same context and node as a rule,
+writes the subgraph's nodes, and returns the value computing each output of
+the node (None for outputs the graph does not use); it raises
+:class:`NotDifferentiable` as a rule does.
 """
 
 #: Operator name -> rule function ``rule(g, node, dys) -> list``.
 RULES = {}
+
+#: Operator name -> expansion function ``expand(g, node) -> list``, for
+#: operators replaced by a subgraph of operators with rules before the
+#: reverse pass (see the module docstring).
+EXPANSIONS = {}
 
 #: Operator name -> positions of float inputs the output has no derivative
 #: with respect to (CastLike's type source, Dropout's ratio): nothing flows
@@ -65,6 +80,21 @@ def rule(*op_types, constant_inputs=()):
     return register
 
 
+def expansion(*op_types):
+    """Register the decorated function as the expansion of ``op_types``
+    (see :data:`EXPANSIONS`)."""
+
+    def register(function):
+        for op_type in op_types:
+            if op_type in EXPANSIONS or op_type in RULES:  # pragma: no cover - a programming error
+                raise ValueError(f"Two ways to differentiate {op_type}.")
+            EXPANSIONS[op_type] = function
+        return function
+
+    return register
+
+
 def differentiable_ops():
-    """Names of the operators onnxfit differentiates, sorted."""
-    return sorted(RULES)
+    """Names of the operators onnxfit differentiates (by a rule or an
+    expansion), sorted."""
+    return sorted(set(RULES) | set(EXPANSIONS))
