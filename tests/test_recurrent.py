@@ -29,7 +29,7 @@ DIRECTIONS = ("forward", "reverse", "bidirectional")
 def recurrent_model(op_type, seed=0, steps=3, batch=2, size=3, hidden=2, direction="forward",
                     layout=0, bias=True, initial_h=True, initial_c=True,
                     outputs=("Y", "Y_h", "Y_c"), unused=(), shapes=None, extra_inputs=(),
-                    **attributes):
+                    opset=17, **attributes):
     """A float64 model of one recurrent node and its feeds.
 
     ``unused``: outputs left out of the node (written as ""), before used
@@ -59,7 +59,7 @@ def recurrent_model(op_type, seed=0, steps=3, batch=2, size=3, hidden=2, directi
     if op_type != "LSTM":
         outputs = tuple(o for o in outputs if o != "Y_c")
     model = node_model(op_type, inputs, outputs=outputs, constants=constants, shapes=shapes,
-                       hidden_size=hidden, direction=direction, layout=layout, **attributes)
+                       opset=opset, hidden_size=hidden, direction=direction, layout=layout, **attributes)
     feeds = {name: value for name, value in inputs
              if value is not None and name not in constants}
     node = model.graph.node[0]
@@ -96,6 +96,8 @@ for _spec, _id in [
     (dict(op_type="LSTM", steps=1, initial_h=False, initial_c=False), "LSTM-one-step-bare"),
     (dict(op_type="LSTM", hidden=4, steps=4, batch=3), "LSTM-hidden4"),
     (dict(op_type="LSTM", activations=["Sigmoid", "Tanh", "Tanh"]), "LSTM-explicit-defaults"),
+    (dict(op_type="LSTM", opset=21, direction="bidirectional"), "LSTM-opset21"),
+    (dict(op_type="GRU", opset=16, linear_before_reset=1, layout=1), "GRU-opset16"),
     (dict(op_type="GRU", unused=("Y",), linear_before_reset=1, initial_h=False),
      "GRU-Y_h-only-lbr1"),
     (dict(op_type="GRU", steps=1, initial_h=False), "GRU-one-step-bare-lbr0"),

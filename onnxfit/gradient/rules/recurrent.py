@@ -95,7 +95,6 @@ class _Recurrence:
                 "(PyTorch: batch_first=True)."
             )
         self.steps = steps
-        self.time_axis = time_axis
         self.batch_axis = 1 - time_axis
         hidden = node.attr("hidden_size")
         if hidden is None:
@@ -151,25 +150,26 @@ class _Recurrence:
         """
         g, node = self.g, self.node
         x, w = node.input[0], node.input[1]
+        if self.layout == 0:
+            x = g.Transpose(x, perm=[1, 0, 2])
         # [directions, G*H, I] -> [I, directions*G*H]: one product for every
         # gate and direction of every step.
         stacked = g.Reshape(g.Transpose(w, perm=[2, 0, 1]), g.ints([0, -1]))
         projected = g.MatMul(x, stacked)
         if input_bias is not None:
             projected = g.Add(projected, g.Reshape(input_bias, g.ints([-1])))
-        widths = list(chunks) * self.directions
-        pieces = [projected] if len(widths) == 1 else g.Split(
-            projected, g.ints(widths), axis=2, n_outputs=len(widths))
-        per_step = []
-        for piece in pieces:
-            axis = self.time_axis
-            if self.steps == 1:
-                per_step.append([g.Squeeze(piece, g.ints([axis]))])
-                continue
-            steps = g.Split(piece, g.ints([1] * self.steps), axis=axis, n_outputs=self.steps)
-            per_step.append([g.Squeeze(s, g.ints([axis])) for s in steps])
+        # [B, T, directions*G*H] -> [B, T*directions*G*H], cut by one Split
+        # of static widths into every step's pieces: no per-step Squeeze,
+        # and no run-time sizes in the backward pass's Concat.
         k = len(chunks)
-        return [per_step[d * k:(d + 1) * k] for d in range(self.directions)]
+        widths = list(chunks) * (self.directions * self.steps)
+        if len(widths) == 1:
+            pieces = [g.Reshape(projected, g.ints([0, -1]))]
+        else:
+            pieces = g.Split(g.Reshape(projected, g.ints([0, -1])), g.ints(widths), axis=1,
+                             n_outputs=len(widths))
+        return [[[pieces[(t * self.directions + d) * k + c] for t in range(self.steps)]
+                 for c in range(k)] for d in range(self.directions)]
 
     def initial(self, index):
         """Initial state (input ``index``) of each direction, ``[batch,
@@ -211,22 +211,23 @@ class _Recurrence:
         wanted = [k < len(node.output) and bool(node.output[k]) for k in range(3)]
         values = [None] * len(node.output)
         if wanted[0]:
-            # [T*B, H] per direction -> [T, directions, B, H].
-            stacks = [g.Reshape(g.Concat(*steps, axis=0), g.ints([self.steps, 1, -1, hidden]))
-                      for steps in sequences]
-            y = stacks[0] if d_count == 1 else g.Concat(*stacks, axis=1)
-            if self.layout == 1:
-                y = g.Transpose(y, perm=[2, 0, 1, 3])
+            # Concatenated along the hidden axis, every size is static:
+            # [B, T*directions*H] -> [B, T, directions, H] is layout 1's Y.
+            y = g.Reshape(g.Concat(*[sequences[d][t] for t in range(self.steps)
+                                     for d in range(d_count)], axis=1),
+                          g.ints([-1, self.steps, d_count, hidden]))
+            if self.layout == 0:
+                y = g.Transpose(y, perm=[1, 2, 0, 3])
             values[0] = y
         for k, states in enumerate(finals, start=1):
             if k >= len(node.output) or not wanted[k]:
                 continue
-            if self.layout == 0:
-                joined = states[0] if d_count == 1 else g.Concat(*states, axis=0)
-                values[k] = g.Reshape(joined, g.ints([d_count, -1, hidden]))
-            else:
-                joined = states[0] if d_count == 1 else g.Concat(*states, axis=1)
-                values[k] = g.Reshape(joined, g.ints([-1, d_count, hidden]))
+            if d_count == 1:
+                values[k] = g.Unsqueeze(states[0], g.ints([0 if self.layout == 0 else 1]))
+                continue
+            # [B, directions*H] -> [B, directions, H], layout 1's.
+            joined = g.Reshape(g.Concat(*states, axis=1), g.ints([-1, d_count, hidden]))
+            values[k] = joined if self.layout == 1 else g.Transpose(joined, perm=[1, 0, 2])
         return values
 
 
