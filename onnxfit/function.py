@@ -42,6 +42,7 @@ from collections import OrderedDict
 
 import numpy as np
 import onnx
+from sklearn.utils import check_random_state
 
 from .gradient import (
     DEFAULT_BACKEND,
@@ -52,6 +53,7 @@ from .gradient import (
 )
 from .model import OnnxModel, load_onnx, normalise_model
 from .sessions import as_ortvalue, is_ortvalue, ortvalue_dtype
+from .training_mode import training_graph
 
 __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
 
@@ -207,8 +209,8 @@ class OnnxFunction:
     Parameters
     ----------
     onnx_model : onnx.ModelProto, bytes or path-like
-        Graph with one input; it is copied and brought within what the
-        installed onnxruntime runs.
+        The graph; it is copied and brought within what the installed
+        onnxruntime runs.  With several inputs, ``X`` is a dict of arrays.
     weights_to_train : list of str, default=None
         Initializers to differentiate with respect to; None means every
         floating-point initializer the output depends on.  Others stay
@@ -217,16 +219,26 @@ class OnnxFunction:
         Output to compute; None takes the only output or the first float
         one.
     input_gradient : bool, default=False
-        Also build dL/dX (see ``return_input_gradient`` of
-        :meth:`backward`).
+        Also build dL/dX for the float inputs (see ``return_input_gradient``
+        of :meth:`backward`).
     n_threads : int or None, default=None
         onnxruntime intra-op threads (None: one per core, see
         :func:`onnxfit.sessions.default_threads`).
     gradient_backend : {'onnxfit', 'onnxruntime-training'}, default='onnxfit'
         What builds the gradient graph (see :mod:`onnxfit.gradient`).
+    train_mode : bool, default=False
+        False computes the graph as written.  True gives Dropout and
+        BatchNormalization their training behaviour, as PyTorch's
+        ``model.train()`` (see :mod:`onnxfit.training_mode`): each forward
+        pass draws Dropout masks from ``random_state`` (or takes ``masks=``)
+        and updates :attr:`running_statistics`.
+    random_state : int, RandomState or None, default=None
+        Draws the Dropout masks with ``train_mode=True``.
 
     Attributes
     ----------
+    input_names : list of str
+        The graph inputs (the data); ``input_name`` is the first.
     input_name, output_name : str
     weight_names : list of str
         The weights, in the order of list arguments and results.
@@ -234,7 +246,12 @@ class OnnxFunction:
     dtype : numpy dtype
         Element type of the output, the weights and the gradients.
     input_dtype : numpy dtype
-        Element type of ``X``.
+        Element type of ``X`` (of the first input).
+    running_statistics : dict of str -> ndarray
+        With ``train_mode=True``: BatchNormalization's running means and
+        variances, updated by each forward pass.
+    masks : list of onnxfit.training_mode.DropoutMask
+        With ``train_mode=True``: the Dropout masks a forward pass takes.
 
     Notes
     -----
@@ -265,12 +282,13 @@ class OnnxFunction:
 
     def __init__(
         self, onnx_model, weights_to_train=None, output_name=None, input_gradient=False,
-        n_threads=None, gradient_backend=DEFAULT_BACKEND,
+        n_threads=None, gradient_backend=DEFAULT_BACKEND, train_mode=False, random_state=None,
     ):
         check_backend(gradient_backend)
         model = normalise_model(load_onnx(onnx_model))
         self._model = OnnxModel(model, weights_to_train, output_name)
-        self.input_name = self._model.input_name
+        self.input_names = list(self._model.input_names)
+        self.input_name = self.input_names[0]
         self.output_name = self._model.output_name
         self.weight_names = list(self._model.weight_names)
         self.dtype = np.dtype(self._model.dtype)
@@ -278,22 +296,34 @@ class OnnxFunction:
         self.input_gradient = bool(input_gradient)
         self.n_threads = None if n_threads is None else int(n_threads)
         self.gradient_backend = gradient_backend
+        self.train_mode = bool(train_mode)
+        self.random_state = random_state
         forward_model = self._model.forward_model()
         graph_inputs = {v.name: v for v in forward_model.graph.input}
         self.weight_shapes = {
             name: tuple(d.dim_value for d in graph_inputs[name].type.tensor_type.shape.dim)
             for name in self.weight_names
         }
-        self._input_shape = tuple(
-            d.dim_value if d.HasField("dim_value") else None
-            for d in graph_inputs[self.input_name].type.tensor_type.shape.dim
-        ) if graph_inputs[self.input_name].type.tensor_type.HasField("shape") else None
+        self._specs = {spec.name: spec for spec in self._model.input_specs}
+        self.masks, self.running_statistics, self._statistics = [], {}, {}
+        if self.train_mode:
+            trained = training_graph(
+                forward_model, {n: s.shape for n, s in self._specs.items()},
+                self.initial_weights())
+            forward_model = trained.model
+            self.masks = list(trained.masks)
+            self._statistics = dict(trained.statistics)
+            self.running_statistics = {k: v.copy() for k, v in
+                                       trained.initial_statistics.items()}
+        self._rng = check_random_state(random_state)
+        self._float_inputs = [n for n in self.input_names if not self._specs[n].is_integer]
         self._runner = model_gradient_cache.get(
             forward_model,
             self.weight_names,
-            [self.input_name] if self.input_gradient else (),
+            self._float_inputs if self.input_gradient else (),
             self.n_threads,
             gradient_backend,
+            constant_outputs=list(self._statistics.values()),
         )
         self._context = None
 
@@ -328,6 +358,32 @@ class OnnxFunction:
             raise ValueError(f"{what} must have shape {expected}, not {got_shape}.")
         return as_ortvalue(value), keep
 
+    def _input_values(self, X, kept):
+        """OrtValues of the data inputs from ``X`` (an array or OrtValue for
+        a one-input graph, else a dict by input name)."""
+        if isinstance(X, dict):
+            unknown = sorted(set(X) - set(self.input_names))
+            missing = [n for n in self.input_names if n not in X]
+            if unknown or missing:
+                raise ValueError(
+                    f"X must hold one value per graph input {self.input_names}; "
+                    + (f"unknown: {unknown}. " if unknown else "")
+                    + (f"missing: {missing}." if missing else ""))
+            items = [(n, X[n], f"X[{n!r}]") for n in self.input_names]
+        elif len(self.input_names) == 1:
+            items = [(self.input_name, X, "X")]
+        else:
+            raise TypeError(
+                f"The graph has {len(self.input_names)} inputs {self.input_names}: give X "
+                "as a dict {input name: array}.")
+        values = {}
+        for name, value, what in items:
+            spec = self._specs[name]
+            ort, keep = self._tensor(value, what, spec.dtype, (None,) + tuple(spec.shape))
+            values[name] = ort
+            kept.append(keep)
+        return values
+
     def _weight_list(self, weights):
         if isinstance(weights, dict):
             missing = [n for n in self.weight_names if n not in weights]
@@ -343,13 +399,14 @@ class OnnxFunction:
         return weights, False
 
     # -- the two passes ----------------------------------------------------------
-    def forward(self, X, weights, keep_for_backward=True, return_context=False):
+    def forward(self, X, weights, keep_for_backward=True, return_context=False, masks=None):
         """Compute the output for ``X`` and ``weights``.
 
         Parameters
         ----------
-        X : ndarray or onnxruntime.OrtValue
-            Input of the graph's input type and shape.
+        X : ndarray, onnxruntime.OrtValue or dict of them
+            Input of the graph's input type and shape; a dict by input name
+            for a graph with several inputs.
         weights : dict of str -> array or OrtValue, or sequence
             One value per name of :attr:`weight_names` (a sequence follows
             that order), of the weight's exact shape and :attr:`dtype`.
@@ -360,6 +417,10 @@ class OnnxFunction:
             Return the :class:`ForwardContext` instead of keeping it, so
             that several forward passes can wait for their backward passes
             at once.
+        masks : dict of str -> ndarray, optional
+            With ``train_mode=True``: the Dropout masks to use (name ->
+            array of 0 and ``1 / (1 - ratio)``, see :attr:`masks`); drawn
+            from ``random_state`` when not given.
 
         Returns
         -------
@@ -368,16 +429,35 @@ class OnnxFunction:
         context : ForwardContext
             Only with ``return_context=True``.
         """
-        x_value, x_kept = self._tensor(X, "X", self.input_dtype, self._input_shape)
+        kept = []
+        inputs = self._input_values(X, kept)
         weight_list, as_dict = self._weight_list(weights)
-        inputs, kept = {self.input_name: x_value}, [x_kept]
         for name, weight in zip(self.weight_names, weight_list):
             value, keep = self._tensor(
                 weight, f"weight {name!r}", self.dtype, self.weight_shapes[name]
             )
             inputs[name] = value
             kept.append(keep)
+        if masks is not None and not self.masks:
+            raise ValueError("masks= is for a function with train_mode=True and Dropout nodes.")
+        batch = next(iter(inputs.values())).shape()[0]
+        for mask in self.masks:
+            shape = mask.shape_for(batch)
+            if masks is not None and mask.name in masks:
+                value, keep = self._tensor(masks[mask.name], f"mask {mask.name!r}",
+                                           mask.dtype, shape)
+            else:
+                array = np.empty(shape, dtype=mask.dtype)
+                mask.draw(self._rng, array)
+                value, keep = as_ortvalue(array), array
+            inputs[mask.name] = value
+            kept.append(keep)
+        for name, array in self.running_statistics.items():
+            inputs[name] = as_ortvalue(array)
+            kept.append(array)
         values = self._runner.forward(inputs)
+        for name, new in self._statistics.items():
+            self.running_statistics[name] = values[new].numpy().copy()
         output = values[self.output_name]
         context = None
         if keep_for_backward or return_context:
@@ -395,7 +475,8 @@ class OnnxFunction:
         output_gradient : ndarray or onnxruntime.OrtValue
             dL/dY, of the output's exact shape and :attr:`dtype`.
         return_input_gradient : bool, default=False
-            Also return dL/dX; needs ``input_gradient=True`` at
+            Also return dL/dX (a dict by input name for a graph with several
+            inputs: its float inputs); needs ``input_gradient=True`` at
             construction.
         context : ForwardContext, default=None
             From ``forward(..., return_context=True)``; None uses the one
@@ -440,7 +521,9 @@ class OnnxFunction:
         if context._weights_as_dict:
             grads = dict(zip(self.weight_names, grads))
         if return_input_gradient:
-            return grads, convert(self.input_name)
+            if len(self.input_names) == 1:
+                return grads, convert(self.input_name)
+            return grads, {name: convert(name) for name in self._float_inputs}
         return grads
 
     __call__ = forward
@@ -454,13 +537,19 @@ class OnnxFunction:
             "input_gradient": self.input_gradient,
             "n_threads": self.n_threads,
             "gradient_backend": self.gradient_backend,
+            "train_mode": self.train_mode,
+            "random_state": self.random_state,
+            "running_statistics": {k: v.copy() for k, v in self.running_statistics.items()},
         }
 
     def __setstate__(self, state):
+        statistics = state.pop("running_statistics", None)
         self.__init__(**state)
+        if statistics:
+            self.running_statistics = statistics
 
     def __repr__(self):
         return (
-            f"OnnxFunction({self.input_name!r} -> {self.output_name!r}, "
+            f"OnnxFunction({', '.join(map(repr, self.input_names))} -> {self.output_name!r}, "
             f"weights={self.weight_names}, dtype={self.dtype})"
         )

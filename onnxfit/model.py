@@ -431,11 +431,26 @@ class OnnxModel:
         """
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
-        for init in model.graph.initializer:
+        graph = model.graph
+        written = set()
+        for init in graph.initializer:
             if init.name in weights:
                 array = np.asarray(weights[init.name])
                 dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
                 init.CopyFrom(numpy_helper.from_array(
                     array.astype(dtype, copy=False), init.name
                 ))
+                written.add(init.name)
+        # A value the exporter wrote as Identity(initializer) (PyTorch does
+        # so for BatchNormalization statistics equal to its affine
+        # parameters) becomes an initializer of its own.
+        for node in list(graph.node):
+            name = node.output[0] if node.output else None
+            if node.op_type == "Identity" and name in weights and name not in written:
+                graph.node.remove(node)
+                graph.initializer.append(numpy_helper.from_array(np.asarray(weights[name]), name))
+                written.add(name)
+        missing = sorted(set(weights) - written)
+        if missing:  # pragma: no cover - weights come from this graph
+            raise ValueError(f"The graph has no initializer {missing}.")
         return model

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_graphs import NodeWriter, existing_names, value_types
+from .onnx_graphs import NodeWriter, existing_names, prune_graph, value_types
 
 #: Operators whose behaviour depends on training.
 TRAINING_OPS = ("Dropout", "BatchNormalization")
@@ -139,23 +139,44 @@ def _dropout_ratio(graph, node):
     return 0.5
 
 
-def _inferred_shapes(model, batch):
-    """Per value: its shape with ``batch`` for the batch dimension
-    (``None``) and ``False`` for another unknown dimension."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        inferred = model
+#: Two batch sizes the shapes are inferred with: a dimension that follows
+#: the batch size is told from the static ones by comparing the two (onnx
+#: cannot name the first dimension of Flatten's output, say).
+_PROBE_BATCHES = (97, 89)
+
+
+def _inferred_shapes(model, sample_shapes):
+    """Per value: its shape, ``None`` for a dimension equal to the batch size
+    and ``False`` for one that shape inference cannot tell; and the element
+    type of each value."""
+    probes = []
+    for size in _PROBE_BATCHES:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        for value in probe.graph.input:
+            if value.name in sample_shapes:
+                value.CopyFrom(helper.make_tensor_value_info(
+                    value.name, value.type.tensor_type.elem_type,
+                    [size] + list(sample_shapes[value.name])))
+        try:
+            probe = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+        except Exception:  # a partially known graph: shapes stay unknown
+            pass
+        probes.append({
+            v.name: tuple(d.dim_value if d.HasField("dim_value") else 0
+                          for d in v.type.tensor_type.shape.dim)
+            for v in list(probe.graph.value_info) + list(probe.graph.input)
+            + list(probe.graph.output) if v.type.tensor_type.HasField("shape")})
+    first, second = probes
     shapes = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + \
-            list(inferred.graph.output):
-        tensor = value.type.tensor_type
-        if not tensor.HasField("shape"):
+    for name, dims in first.items():
+        other = second.get(name)
+        if other is None or len(other) != len(dims):
             continue
-        shapes[value.name] = tuple(
-            d.dim_value if d.HasField("dim_value") else (None if d.dim_param == batch else False)
-            for d in tensor.shape.dim)
-    return shapes, value_types(inferred)
+        shapes[name] = tuple(
+            a if a == b and a > 0 else (None if (a, b) == _PROBE_BATCHES else False)
+            for a, b in zip(dims, other))
+    return shapes, value_types(onnx.shape_inference.infer_shapes(model))
 
 
 def training_graph(forward_model, sample_shapes, weights, batch="N"):
@@ -198,7 +219,7 @@ def training_graph(forward_model, sample_shapes, weights, batch="N"):
             elem = value.type.tensor_type.elem_type
             value.CopyFrom(helper.make_tensor_value_info(
                 value.name, elem, [batch] + list(sample_shapes[value.name])))
-    shapes, types = _inferred_shapes(model, batch)
+    shapes, types = _inferred_shapes(model, sample_shapes)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     writer = NodeWriter(PREFIX, opset, types, existing_names(graph))
     inputs = {i.name for i in graph.input}
@@ -252,6 +273,7 @@ def training_graph(forward_model, sample_shapes, weights, batch="N"):
         elem = helper.np_dtype_to_tensor_dtype(array.dtype)
         graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
         graph.output.append(helper.make_tensor_value_info(new, elem, list(array.shape)))
+    prune_graph(graph)
     return result
 
 
@@ -391,4 +413,5 @@ def inference_graph(model):
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    prune_graph(graph)  # Dropout's ratio and mode constants are read no more
     return copy
