@@ -262,6 +262,8 @@ REFUSALS = [
                  id="gru-activations"),
     pytest.param(dict(op_type="RNN", activations=["Affine"], activation_alpha=[2.0]),
                  "activations", id="rnn-affine"),
+    pytest.param(dict(op_type="RNN", activations=["Relu"], direction="bidirectional"),
+                 "activations", id="rnn-one-list-for-two-directions"),
     pytest.param(dict(op_type="LSTM", extra_inputs=[(7, "P", np.ones((1, 6)))]), "peephole",
                  id="peepholes"),
     pytest.param(dict(op_type="GRU", extra_inputs=[

@@ -63,14 +63,14 @@ class _Recurrence:
             _refuse("clip (the cell values clipped) is not supported.")
         activations = node.attr("activations")
         if activations is not None:
-            per_direction = len(activations) // max(self.directions, 1)
             accepted = [tuple(a.lower() for a in defaults)] + [
                 tuple(a.lower() for a in row) for row in allowed]
+            width = len(defaults)
+            listed = list(activations)
             chosen = []
             for d in range(self.directions):
-                row = tuple(a.lower() for a in
-                            activations[d * per_direction:(d + 1) * per_direction])
-                if row not in accepted:
+                row = tuple(a.lower() for a in listed[d * width:(d + 1) * width])
+                if row not in accepted or len(listed) != width * self.directions:
                     _refuse(
                         f"activations={list(activations)} are not supported: onnxfit "
                         f"unrolls {node.op_type} with its default activations {defaults}"
@@ -108,7 +108,8 @@ class _Recurrence:
             if lengths is None or not np.all(np.asarray(lengths) == steps):
                 _refuse(
                     "sequence_lens (sequences of different lengths in one batch) is not "
-                    "supported; pad the sequences to one length and leave sequence_lens out."
+                    "supported; pad the sequences to one length and leave sequence_lens "
+                    "out."
                 )
 
     # -- inputs ------------------------------------------------------------------------
