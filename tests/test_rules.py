@@ -177,6 +177,37 @@ case("MatMul", [("A", normal(3, 4)), ("B", normal(4, 20))], "symbolic-batch",
 case("MatMul", [("A", normal(2, 3, 4)), ("B", normal(1, 4, 5))], "symbolic-broadcast",
      shapes={"A": ["b", 3, 4], "B": ["c", 4, 5]})
 
+EINSUMS = [
+    ("matmul", "ij,jk->ik", [(3, 4), (4, 5)]),
+    ("batched-matmul", "bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),
+    ("bilinear", "bi,ij,bj->b", [(3, 4), (4, 5), (3, 5)]),
+    ("chain3", "ij,jk,kl->il", [(2, 3), (3, 4), (4, 2)]),
+    ("ellipsis", "...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)]),
+    ("ellipsis-broadcast", "...ij,...jk->...ik", [(2, 1, 3, 4), (1, 3, 4, 5)]),
+    ("ellipsis-last", "i...->...i", [(2, 3, 4)]),
+    ("transpose", "ij->ji", [(3, 4)]),
+    ("sum-over-index", "ij->i", [(3, 4)]),
+    ("sum-all", "ij->", [(3, 4)]),
+    ("only-in-one-operand", "ij,k->ik", [(3, 4), (5,)]),
+    ("outer", "i,j->ij", [(3,), (4,)]),
+    ("implicit", "ij,jk", [(3, 4), (4, 5)]),
+    ("implicit-dot", "i,i", [(4,), (4,)]),
+    ("implicit-transposed", "ba", [(3, 4)]),
+    ("attention-scores", "bhqd,bhkd->bhqk", [(2, 2, 3, 4), (2, 2, 5, 4)]),
+    ("diagonal-other-operand", "ii,ij->j", [(3, 3), (3, 4)]),
+]
+for name, equation, shapes in EINSUMS:
+    operands = [(chr(ord("A") + k), normal(*shape)) for k, shape in enumerate(shapes)]
+    wrt = [n for n, _ in operands][1:] if name == "diagonal-other-operand" else None
+    case("Einsum", operands, name, equation=equation, wrt=wrt)
+case("Einsum", [("A", normal(2, 3, 4)), ("B", normal(4, 5))], "symbolic",
+     shapes={"A": ["n", 3, 4]}, equation="bij,jk->bik")
+case("Einsum", [("A", normal(2, 3, 4)), ("B", normal(1, 4, 5))], "symbolic-ellipsis-broadcast",
+     shapes={"A": ["n", 3, 4], "B": ["m", 4, 5]}, equation="...ij,...jk->...ik")
+case("Trilu", [("X", normal(2, 4, 5))], "upper")
+case("Trilu", [("X", normal(4, 5)), ("k", np.array(-1, np.int64))], "lower-k",
+     constants={"k": np.array(-1, np.int64)}, upper=0)
+
 # -- reductions ---------------------------------------------------------------------------------------
 REDUCTIONS = ["ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2",
               "ReduceLogSumExp", "ReduceMax", "ReduceMin"]
@@ -244,6 +275,17 @@ case("Gather", [("X", normal(2, 5, 3)), ("i", np.array([[1, 4], [0, 1]], np.int6
      "axis1-2d", constants={"i": np.array([[1, 4], [0, 1]], np.int64)}, axis=1)
 case("Gather", [("X", normal(4, 3)), ("i", np.array(2, np.int64))], "scalar",
      constants={"i": np.array(2, np.int64)})
+EMBEDDING_IDS = np.array([[0, 5, -1, 2], [5, 0, 0, -6]], np.int64)  # 5 = -1, 0 = -6
+case("Gather", [("X", normal(6, 4)), ("i", EMBEDDING_IDS)], "embedding-repeated-negative",
+     constants={"i": EMBEDDING_IDS})
+case("Gather", [("X", normal(3, 6)), ("i", EMBEDDING_IDS)], "last-axis-repeated-negative",
+     constants={"i": EMBEDDING_IDS}, axis=-1)
+case("Gather", [("X", normal(2, 6, 3)), ("i", EMBEDDING_IDS)], "run-time-indices", axis=1)
+case("Gather", [("X", normal(6, 3)), ("i", EMBEDDING_IDS.astype(np.int32))], "run-time-int32")
+case("Gather", [("X", normal(4, 6)), ("i", EMBEDDING_IDS)], "symbolic",
+     constants={"i": EMBEDDING_IDS}, shapes={"X": ["n", 6]}, axis=1)
+case("Gather", [("X", normal(4, 6, 2)), ("i", EMBEDDING_IDS)], "symbolic-run-time",
+     shapes={"X": ["n", 6, "m"], "i": ["b", "l"]}, axis=1)
 case("GatherElements", [("X", normal(3, 4)), ("i", np.array([[0, 2], [1, 1], [3, 0]], np.int64))],
      "axis1", constants={"i": np.array([[0, 2], [1, 1], [3, 0]], np.int64)}, axis=1)
 case("GatherElements", [("X", normal(3, 4)), ("i", np.array([[0, 2, 2, 1]], np.int64))],
@@ -379,3 +421,11 @@ def test_dropout_in_training_mode_scales_the_kept_values():
     assert 0.5 < kept.mean() < 0.95
     assert_allclose(Y[kept], X[kept] / (1 - ratio))
     assert_allclose(dX, dY * kept / (1 - ratio))
+
+
+def test_einsum_refuses_a_diagonal_of_a_trained_operand():
+    """The cotangent of an operand with a repeated subscript would have to be
+    written onto its diagonal: refused, with the reason, before training."""
+    model = node_model("Einsum", [("A", normal(3, 3))], equation="ii->i")
+    with pytest.raises(GradientError, match="repeats a subscript"):
+        build_vjp(model, {"Y": "dY"}, ["A"])

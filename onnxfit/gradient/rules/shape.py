@@ -1,11 +1,13 @@
 """Rules of operators that move elements: reshapes, transposes, joins,
 splits, slices, gathers, pads, tiles.
 
-Operators that only pick, copy or reorder elements (Slice, Gather,
-GatherND, Pad in any mode, Compress) share one rule: the operator is run
-again on a tensor holding each input element's position, which tells where
-each output element came from, and the cotangent is scattered back there
-(``ScatterElements`` with ``reduction='add'``, so copies add up).
+Operators that only pick, copy or reorder elements (Slice, GatherND, Pad
+in any mode, Compress) share one rule: the operator is run again on a
+tensor holding each input element's position, which tells where each
+output element came from, and the cotangent is scattered back there
+(``ScatterElements`` with ``reduction='add'``, so copies add up).  Gather,
+an embedding lookup most often, scatters its cotangent into the rows its
+indices name directly, without a position tensor as large as the table.
 """
 
 import numpy as np
@@ -156,9 +158,58 @@ def _slice_as_pads(g, node):
     return begin + end
 
 
-@rule("Gather", "GatherND", "Compress")
-def gather(g, node, dys):
+@rule("GatherND", "Compress")
+def gather_nd(g, node, dys):
     return [_scatter_back(g, node, dys[0])] + [None] * (len(node.input) - 1)
+
+
+@rule("Gather")
+def gather(g, node, dys):
+    # An embedding lookup: dX is dY added into the rows the indices name,
+    # repeated indices adding up.  dY, shaped X.shape[:axis] + indices.shape
+    # + X.shape[axis+1:], is flattened to one index axis and scattered with
+    # ScatterElements (reduction='add') along it, the indices broadcast
+    # over the other axes: the work and memory follow the lookups, where the
+    # general rule of the module docstring builds a position tensor as
+    # large as the table.  (ScatterND with reduction='add' would need no
+    # broadcast indices, but onnxruntime's is not safe against repeated
+    # indices on several threads.)
+    x, indices = node.input
+    dy, = dys
+    rank, index_rank = g.rank(x), g.rank(indices)
+    if rank is None or index_rank is None:
+        return [_scatter_back(g, node, dy), None]
+    axis = _positive_axis(g, node, x, node.attr("axis", 0))
+    int64 = TensorProto.INT64
+    shape = g.static_shape(x)
+    constant = g.const_value(indices)
+    if constant is not None and shape is not None:
+        # Negative indices count from the end; ScatterElements is given
+        # them counted from the start.
+        flat = constant.astype(np.int64).reshape(-1)
+        index = g.ints((flat % shape[axis]).tolist())
+    else:
+        if g.elem_type(indices) != int64:  # int32 indices
+            indices = g.Cast(indices, to=int64)
+        flat = g.Reshape(indices, g.ints([-1]))
+        size = (g.ints([shape[axis]]) if shape is not None
+                else g.Shape(x, start=axis, end=axis + 1))
+        index = g.Where(g.Less(flat, g.ints([0])), g.Add(flat, size), flat)
+    if shape is not None:
+        target = g.ints(list(shape[:axis]) + [-1] + list(shape[axis + 1:]))
+    else:
+        parts = [g.ints([-1])]
+        if axis > 0:
+            parts.insert(0, g.Shape(x, start=0, end=axis))
+        if axis < rank - 1:
+            parts.append(g.Shape(x, start=axis + 1))
+        target = g.Concat(*parts, axis=0)
+    updates = g.Reshape(dy, target)
+    if rank > 1:
+        column = [1] * axis + [-1] + [1] * (rank - axis - 1)
+        index = g.Expand(g.Reshape(index, g.ints(column)), g.Shape(updates))
+    return [g.ScatterElements(g.zeros_like(x), index, updates, axis=axis, reduction="add"),
+            None]
 
 
 @rule("Pad")
