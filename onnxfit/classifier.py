@@ -167,7 +167,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        input_columns=None, train_mode=True, learning_rate="nesterov", loss="log_loss", penalty="l2", alpha=1e-4,
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="nesterov", loss="log_loss", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
@@ -175,7 +175,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
-            input_columns=input_columns, train_mode=train_mode, learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            loss_output=loss_output, input_columns=input_columns, train_mode=train_mode, learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
@@ -331,7 +331,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         weights = self.weights_to_train
         if weights is None:
             weights = info.default_weights
-        onnx_model = OnnxModel(model, weights, info.trained_output)
+        onnx_model = OnnxModel(model, weights, info.trained_output, self.loss_output)
         self._graph_info = info
         return onnx_model
 
@@ -378,6 +378,17 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         if self._n_columns == 1:
             return (columns == 1).astype(self.dtype_)[:, None]
         return columns
+
+    def _graph_labels(self, labels, spec):
+        # Class indices for an integer label input (PyTorch's cross-entropy
+        # targets), one-hot rows for a float one as wide as the scores.
+        if spec.is_integer or labels.dtype.kind not in "iu":
+            return super()._graph_labels(labels, spec)
+        width = int(np.prod(spec.shape)) if spec.shape else 1
+        if width == self._n_columns and width > 1:
+            one_hot = np.eye(width, dtype=spec.dtype)[labels]
+            return np.ascontiguousarray(one_hot.reshape((len(labels),) + spec.shape))
+        return super()._graph_labels(labels, spec)
 
     def _scores_kind(self):
         link = self._graph_info.link

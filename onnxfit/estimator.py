@@ -25,12 +25,12 @@ from .engines import ENGINES, TrainingProblem, make_engine
 from .gradient import BACKENDS, check_backend
 from .inputs import InputSpec, n_samples, take_rows, to_graph_inputs
 from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
-from .losses import BaseLoss
+from .losses import BaseLoss, GraphLoss
 from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import onnx_elem_type
 from .penalties import ElasticNetPenalty, make_penalty
 from .sessions import make_session
-from .training_mode import TrainingGraph, inference_graph, training_graph
+from .training_mode import TrainingGraph, batch_shapes, inference_graph, training_graph
 
 
 class _Runtime:
@@ -94,6 +94,7 @@ class BaseOnnxSGD(BaseEstimator):
         "onnx_model": [None, onnx.ModelProto, bytes, str, os.PathLike],
         "weights_to_train": [None, list, tuple, str],
         "output_name": [None, str],
+        "loss_output": [None, str],
         "input_columns": [None, dict],
         "train_mode": ["boolean"],
         "learning_rate": [StrOptions({"sgd", "nesterov"}), BaseLearningRate],
@@ -118,7 +119,7 @@ class BaseOnnxSGD(BaseEstimator):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        input_columns=None, train_mode=True, learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
@@ -130,6 +131,7 @@ class BaseOnnxSGD(BaseEstimator):
         self.onnx_model = onnx_model
         self.weights_to_train = weights_to_train
         self.output_name = output_name
+        self.loss_output = loss_output
         self.input_columns = input_columns
         self.train_mode = train_mode
         self.learning_rate = learning_rate
@@ -285,13 +287,44 @@ class BaseOnnxSGD(BaseEstimator):
             )
         if labels.dtype.kind not in "iu":
             labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
+        if self._label_input is not None:
+            # The graph computes its loss: y feeds its label input, and the
+            # loss piece only weights the graph's loss (its label is unused).
+            spec = self._label_spec()
+            inputs[spec.name] = self._graph_labels(labels, spec)
+            if not self._loss_shape and sample_weight is not None and np.ptp(sample_weight):
+                raise ValueError(
+                    f"The graph's loss {self._loss_output!r} is a scalar, so sample weights "
+                    "(or class weights) cannot weight its samples; make the graph compute "
+                    "one loss per sample (reduction='none' in PyTorch) to use them."
+                )
+            labels = np.zeros((len(labels),) + self._loss_shape, dtype=self.dtype_)
         return inputs, y, labels, sample_weight, uniform
+
+    def _label_spec(self):
+        """The graph's label input, with the per-sample shape of the labels."""
+        model = self._get_model()
+        return InputSpec(model.label_name, model.label_spec.dtype,
+                         self.input_shapes_[model.label_name])
+
+    def _graph_labels(self, labels, spec):
+        """Hook: ``labels`` (as :meth:`_encode_labels` gives them) as the
+        graph's label input ``spec`` takes them."""
+        return np.ascontiguousarray(labels.reshape((len(labels),) + spec.shape),
+                                    dtype=spec.dtype)
 
     def _load_model(self):
         """The :class:`OnnxModel` of ``onnx_model`` (None for the default
         linear model, which is built once X's width is known)."""
         if self.onnx_model is None:
+            if self.loss_output is not None:
+                raise ValueError("loss_output names an output of onnx_model, which is None.")
             return None
+        if self.loss_output is not None and self.output_name is None:
+            raise ValueError(
+                f"loss_output={self.loss_output!r} needs output_name=, the prediction the "
+                "loss is computed from (predict and to_onnx use it)."
+            )
         return self._prepare_model(normalise_model(load_onnx(self.onnx_model)))
 
     def _input_specs(self):
@@ -437,7 +470,7 @@ class BaseOnnxSGD(BaseEstimator):
         """Hook: the :class:`OnnxModel` to train for the normalised graph
         ``model`` (classification rewrites some converter operators and picks
         the scores to train)."""
-        return OnnxModel(model, self.weights_to_train, self.output_name)
+        return OnnxModel(model, self.weights_to_train, self.output_name, self.loss_output)
 
     def _prediction_outputs(self):
         """Values that predictions read: the trained output (subclasses add
@@ -479,9 +512,15 @@ class BaseOnnxSGD(BaseEstimator):
             self.dtype_ = onnx_model.dtype
             self.input_dtype_ = onnx_model.input_dtype
             self.input_shapes_ = {name: tuple(v.shape[1:]) for name, v in inputs.items()}
+            self._loss_output = onnx_model.loss_output
+            self._label_input = onnx_model.label_name
+            if self._label_input is not None:
+                self.input_shapes_[self._label_input] = self._label_sample_shape(
+                    onnx_model.label_spec, labels)
             self.weights_ = onnx_model.initial_weights()
             self.running_statistics_ = dict(self._get_training_graph().initial_statistics)
             self.label_shape_ = self._probe_label_shape(inputs, labels)
+            self._loss_shape = self._graph_loss_shape() if self._label_input else None
         learning_rate = make_learning_rate(self.learning_rate)
         self._update_state = {
             w: learning_rate.initial_state(a) for w, a in self.weights_.items()
@@ -506,17 +545,45 @@ class BaseOnnxSGD(BaseEstimator):
         weights = self.weights_to_train
         if weights is not None and not isinstance(weights, str):
             weights = tuple(weights)
-        return (source, weights, self.output_name, self.train_mode)
+        return (source, weights, self.output_name, self.loss_output, self.train_mode)
 
     def _check_same_model(self):
         """A warm start keeps weights: the graph they belong to must not change."""
         if self._current_model_spec() != getattr(self, "_model_spec", None):
             raise ValueError(
                 "warm_start=True keeps the weights of the previous fit, but onnx_model, "
-                "weights_to_train, output_name or train_mode changed since; set "
+                "weights_to_train, output_name, loss_output or train_mode changed since; set "
                 "warm_start=False "
                 "to train the new configuration from its initial weights."
             )
+
+    def _label_sample_shape(self, spec, labels):
+        """Per-sample shape of the graph's label input: as declared, its
+        symbolic dimension (at most one) sized by the labels."""
+        width = int(np.prod(labels.shape[1:])) if labels.ndim > 1 else 1
+        if spec.width is not None:
+            return tuple(spec.shape)
+        if sum(d is None for d in spec.shape) > 1:
+            raise ValueError(
+                f"The graph's label input {spec.describe()} has several symbolic "
+                "dimensions; declare its per-sample shape."
+            )
+        known = int(np.prod([d for d in spec.shape if d is not None]))
+        return tuple(width // known if d is None else d for d in spec.shape)
+
+    def _graph_loss_shape(self):
+        """Per-sample shape of the graph's own loss: () for a scalar loss,
+        else its shape without the batch dimension."""
+        graph = self._get_training_graph()
+        shape = batch_shapes(graph.model, self.input_shapes_)[0].get(self._loss_output)
+        if shape is None or False in shape or (shape and shape[0] is not None) or (
+                None in shape[1:]):
+            raise ValueError(
+                f"The shape of loss_output={self._loss_output!r} is not known from the "
+                f"graph ({'unknown' if shape is None else shape}); it must be a scalar or "
+                "have one value per sample (a first dimension that is the batch)."
+            )
+        return tuple(shape[1:])
 
     def _probe_label_shape(self, inputs, labels):
         """Run the graph on one row to learn the trained output's shape."""
@@ -537,7 +604,8 @@ class BaseOnnxSGD(BaseEstimator):
         runtime = self._runtime
         if runtime.model is None:
             runtime.model = OnnxModel(
-                self.onnx_model_, self.weights_to_train_, self.trained_output_
+                self.onnx_model_, self.weights_to_train_, self.trained_output_,
+                self._loss_output,
             )
         return runtime.model
 
@@ -547,7 +615,7 @@ class BaseOnnxSGD(BaseEstimator):
         :mod:`onnxfit.training_mode`), else the graph as written."""
         runtime = self._runtime
         if runtime.training_graph is None:
-            forward = self._get_model().forward_model()
+            forward = self._get_model().forward_model(sample_shapes=self.input_shapes_)
             if self.train_mode:
                 runtime.training_graph = training_graph(
                     forward, self.input_shapes_, self.weights_)
@@ -560,7 +628,7 @@ class BaseOnnxSGD(BaseEstimator):
         scores): inference behaviour, running statistics as inputs."""
         runtime = self._runtime
         if runtime.predict_model is None:
-            model = self._get_model().forward_model()
+            model = self._get_model().forward_model(prediction=True)
             if self.train_mode:
                 model = inference_graph(model)
                 statistics = set(self.running_statistics_)
@@ -586,21 +654,24 @@ class BaseOnnxSGD(BaseEstimator):
 
     def _training_pieces(self):
         """The loss, penalty and update-rule objects the parameters name."""
-        return (self._make_loss(), make_penalty(self.penalty, self.alpha, self.l1_ratio),
+        loss = GraphLoss(per_sample=bool(self._loss_shape)) if self._label_input is not None \
+            else self._make_loss()
+        return (loss, make_penalty(self.penalty, self.alpha, self.l1_ratio),
                 make_learning_rate(self.learning_rate))
 
     def _build_problem(self, pieces=None):
         """The :class:`TrainingProblem` of the current parameters."""
         loss, penalty, learning_rate = pieces or self._training_pieces()
         graph = self._get_training_graph()
+        own_loss = self._label_input is not None
         return TrainingProblem(
             forward_model=graph.model,
-            inputs=self._input_specs(),
-            output_name=self.trained_output_,
+            inputs=self._input_specs() + ([self._label_spec()] if own_loss else []),
+            output_name=self._loss_output if own_loss else self.trained_output_,
             weight_names=list(self.weights_to_train_),
             weight_shapes={w: a.shape for w, a in self.weights_.items()},
             dtype=self.dtype_,
-            label_shape=self.label_shape_,
+            label_shape=self._loss_shape if own_loss else self.label_shape_,
             masks=list(graph.masks),
             statistics=dict(graph.statistics),
             statistic_shapes={n: a.shape for n, a in self.running_statistics_.items()},

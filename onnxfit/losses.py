@@ -116,6 +116,11 @@ class BaseLoss(BaseEstimator):
         """Raise ValueError if the loss is undefined for outputs of one
         sample shaped ``label_shape``."""
 
+    def prediction_shape(self, label_shape):
+        """Declared shape of the prediction the loss reads, for one sample's
+        label shaped ``label_shape``: ``['N', *label_shape]``."""
+        return ["N"] + list(label_shape)
+
     def _parse(self, text, dtype):
         # The bodies are formatted together with the template: fields are
         # filled in one pass by parse_piece.
@@ -194,10 +199,13 @@ def loss_gradient_model(loss, dtype, label_shape, closed_form=True, opset=OPSET,
     if not closed_form:
         piece = loss.piece(dtype)
     elem = onnx_elem_type(dtype)
-    shape = ["N"] + list(label_shape)
+    shape = loss.prediction_shape(label_shape)
     for value in piece.input:
-        if value.name in ("prediction", "label"):
+        if value.name == "prediction":
             value.CopyFrom(helper.make_tensor_value_info(value.name, elem, shape))
+        elif value.name == "label":
+            value.CopyFrom(helper.make_tensor_value_info(
+                value.name, elem, ["N"] + list(label_shape)))
         else:
             value.CopyFrom(helper.make_tensor_value_info(
                 value.name, elem, ["N"] + [1] * len(label_shape)))
@@ -396,6 +404,60 @@ class ElasticLoss(BaseLoss):
     g2 = Mul(d_clipped, c3)
     derivative = Add(g1, g2)
 """
+
+
+_GRAPH_SCALAR_LOSS = """
+graph_loss ({T}[] prediction, {T}[] label, {T}[] sample_weight)
+    => ({T} loss, {T}[] prediction_grad) {{
+    total_weight = ReduceSum<keepdims = 0>(sample_weight)
+    loss = Mul(prediction, total_weight)
+    prediction_grad = Identity(total_weight)
+}}
+"""
+
+
+class GraphLoss(BaseLoss):
+    """The loss a graph computes itself (``loss_output=`` of the estimators).
+
+    The "prediction" this loss receives is the graph's own loss value: per
+    sample (shape ``(n, ...)``), it is weighted and summed like every
+    other loss, so sample weights apply; a scalar (already a mean over the
+    batch) is taken as it is, and training refuses non-uniform sample
+    weights for it.
+
+    Parameters
+    ----------
+    per_sample : bool, default=True
+        Whether the graph's loss has one value per sample.
+    """
+
+    def __init__(self, per_sample=True):
+        self.per_sample = per_sample
+
+    def elementwise_body(self):
+        return "elementwise = Identity(prediction)"
+
+    def derivative_body(self):
+        return """
+    one = Constant<value = {T} {{1.0}}>()
+    prediction_shape = Shape(prediction)
+    derivative = Expand(one, prediction_shape)
+"""
+
+    def prediction_shape(self, label_shape):
+        return super().prediction_shape(label_shape) if self.per_sample else []
+
+    def piece(self, dtype):
+        if self.per_sample:
+            return super().piece(dtype)
+        piece = parse_piece(_GRAPH_SCALAR_LOSS, dtype)
+        del piece.output[1:]
+        return piece
+
+    def gradient_piece(self, dtype):
+        if self.per_sample:
+            return super().gradient_piece(dtype)
+        return parse_piece(_GRAPH_SCALAR_LOSS, dtype)
 
 
 REGRESSION_LOSSES = {

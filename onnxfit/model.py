@@ -199,6 +199,8 @@ class OnnxModel:
     input_specs : list of onnxfit.inputs.InputSpec
     label_name : str or None
         With ``loss_output``: the graph input that only the loss reads.
+    label_spec : onnxfit.inputs.InputSpec or None
+        Its declared type and per-sample shape.
     output_name : str
         The prediction.
     trained_name : str
@@ -256,6 +258,7 @@ class OnnxModel:
                     "otherwise pick the output that reads every input."
                 )
         self.input_specs = input_specs(graph, self.input_names)
+        self.label_spec = input_specs(graph, [self.label_name])[0] if self.label_name else None
         floats = [s for s in self.input_specs if not s.is_integer]
         self.input_dtype = floats[0].dtype if floats else np.dtype(np.float32)
         self.input_name = self.input_names[0]
@@ -266,6 +269,7 @@ class OnnxModel:
         )
         self.dtype = numpy_dtype(elem)
         self.weight_names = self._select_weights(weights_to_train)
+        self._prediction = None
 
     # -- selection -----------------------------------------------------
     def float_outputs(self):
@@ -298,12 +302,13 @@ class OnnxModel:
         graph = self.model.graph
         return {o for n in graph.node for o in n.output}
 
-    def _extract(self, output_name):
+    def _extract(self, output_name, with_label=True):
         try:
             # The extractor needs the type of an intermediate output_name,
             # which only shape inference records.
             inferred = onnx.shape_inference.infer_shapes(self.model)
-            names = self.input_names + ([self.label_name] if self.label_name else [])
+            names = self.input_names + (
+                [self.label_name] if self.label_name and with_label else [])
             forward = Extractor(inferred).extract_model(names, [output_name])
         except Exception as exc:
             raise ValueError(
@@ -328,6 +333,10 @@ class OnnxModel:
         if weights_to_train is None:
             statistics = self.running_statistics()
             float_inits = [n for n in float_inits if n not in statistics]
+            if self.label_name:
+                # The loss's own constants are not parameters of the model.
+                prediction = inputs_feeding(self.model.graph, self.output_name)
+                float_inits = [n for n in float_inits if n in prediction]
             if not float_inits:
                 ops = sorted({n.op_type for n in self._forward.graph.node})
                 raise ValueError(
@@ -389,15 +398,32 @@ class OnnxModel:
         inits = {i.name: i for i in self._forward.graph.initializer}
         return {n: numpy_helper.to_array(inits[n]).copy() for n in self.weight_names}
 
-    def forward_model(self):
+    def forward_model(self, sample_shapes=None, prediction=False):
         """The pruned graph with the trainable weights as graph inputs.
 
         Graph inputs are ``input_names`` (then ``label_name`` when the graph
         computes its loss) and ``weight_names``; the only output is
         ``trained_name``.
+
+        Parameters
+        ----------
+        sample_shapes : dict of str -> tuple, optional
+            Per-sample shapes to declare for the data inputs (the batch
+            dimension stays symbolic): the shapes of the data being fitted,
+            so that shape inference knows every dimension but the batch
+            size (recurrent operators unroll over a known length).
+        prediction : bool, default=False
+            The graph of the prediction ``output_name`` instead (which reads
+            no label input), with the same weights as inputs (those it does
+            not read included).
         """
         model = onnx.ModelProto()
-        model.CopyFrom(self._forward)
+        if prediction and self.label_name:
+            if getattr(self, "_prediction", None) is None:
+                self._prediction = self._extract(self.output_name, with_label=False)
+            model.CopyFrom(self._prediction)
+        else:
+            model.CopyFrom(self._forward)
         graph = model.graph
         keep = []
         moved = {}
@@ -411,10 +437,21 @@ class OnnxModel:
         del graph.initializer[:]
         graph.initializer.extend(keep)
         declared = {i.name: i for i in graph.input}
-        data = self.input_names + ([self.label_name] if self.label_name else [])
+        data = [n for n in self.input_names + [self.label_name] if n in declared]
         data_inputs = [declared[n] for n in data]
+        for value in data_inputs:
+            if sample_shapes and value.name in sample_shapes:
+                value.CopyFrom(helper.make_tensor_value_info(
+                    value.name, value.type.tensor_type.elem_type,
+                    ["N"] + list(sample_shapes[value.name])))
         del graph.input[:]
         graph.input.extend(data_inputs)
+        if prediction:
+            inits = {i.name: i for i in self._forward.graph.initializer}
+            for name in self.weight_names:
+                if name not in moved:
+                    moved[name] = helper.make_tensor_value_info(
+                        name, inits[name].data_type, list(inits[name].dims))
         graph.input.extend(moved[n] for n in self.weight_names)
         return model
 
@@ -453,4 +490,20 @@ class OnnxModel:
         missing = sorted(set(weights) - written)
         if missing:  # pragma: no cover - weights come from this graph
             raise ValueError(f"The graph has no initializer {missing}.")
+        if self.label_name:
+            model = self._without_loss(model)
         return model
+
+    def _without_loss(self, model):
+        """``model`` without what reads the label input: the prediction and
+        every output that does not depend on the label."""
+        graph = model.graph
+        outputs = [o.name for o in graph.output
+                   if self.label_name not in inputs_feeding(graph, o.name)]
+        if self.output_name not in outputs:
+            outputs.append(self.output_name)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        part = Extractor(inferred).extract_model(list(self.input_names), outputs)
+        part.ir_version = model.ir_version
+        del part.graph.value_info[:]
+        return part

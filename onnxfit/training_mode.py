@@ -145,7 +145,7 @@ def _dropout_ratio(graph, node):
 _PROBE_BATCHES = (97, 89)
 
 
-def _inferred_shapes(model, sample_shapes):
+def batch_shapes(model, sample_shapes):
     """Per value: its shape, ``None`` for a dimension equal to the batch size
     and ``False`` for one that shape inference cannot tell; and the element
     type of each value."""
@@ -219,7 +219,7 @@ def training_graph(forward_model, sample_shapes, weights, batch="N"):
             elem = value.type.tensor_type.elem_type
             value.CopyFrom(helper.make_tensor_value_info(
                 value.name, elem, [batch] + list(sample_shapes[value.name])))
-    shapes, types = _inferred_shapes(model, sample_shapes)
+    shapes, types = batch_shapes(model, sample_shapes)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     writer = NodeWriter(PREFIX, opset, types, existing_names(graph))
     inputs = {i.name for i in graph.input}

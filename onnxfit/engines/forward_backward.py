@@ -81,7 +81,7 @@ def build_loss_model(problem):
     """
     graph = _empty_graph("onnxfit_loss")
     loss_model = append_loss(graph, problem, PREDICTION, DATA_LOSS, PREDICTION_GRADIENT)
-    shape = ["N"] + list(problem.label_shape)
+    shape = problem.loss.prediction_shape(problem.label_shape)
     elem = onnx_elem_type(problem.dtype)
     set_outputs(graph, [(DATA_LOSS, elem, []), (PREDICTION_GRADIENT, elem, shape)])
     # The onnxruntime-training backend may use com.microsoft operators.
@@ -275,7 +275,10 @@ class ForwardBackwardEngine(BaseEngine):
     def _bind_batch(self, buffers):
         problem = self.problem
         split = self.model_runner.split
-        shape = (buffers.size,) + tuple(problem.label_shape)
+        # The trained output's shape for this batch (a graph's own loss may
+        # be a scalar).
+        shape = tuple(buffers.size if d == "N" else d
+                      for d in problem.loss.prediction_shape(problem.label_shape))
         prediction = np.empty(shape, dtype=problem.dtype)
         output_gradient = np.empty(shape, dtype=problem.dtype)
         saved = self._saved_buffers(buffers)  # the buffers hold zeros and ones here

@@ -1,11 +1,14 @@
-"""Rules of BatchNormalization (inference form) and LayerNormalization.
+"""Rules of BatchNormalization and LayerNormalization.
 
 BatchNormalization in inference form is an affine map per channel: its
 scale and bias train like any weight; the running mean and variance are
 differentiable too, although onnxfit does not train them by default
 (:class:`onnxfit.model.OnnxModel` treats them as statistics, as PyTorch
-treats its buffers).  LayerNormalization's statistics are recomputed in the
-backward pass from its input.
+treats its buffers).  In training mode it normalises with the batch's
+statistics, which the gradient goes through (PyTorch's formula); its
+running-statistic outputs are state, not differentiated.  Both forms and
+LayerNormalization recompute their statistics in the backward pass from
+the input.
 """
 
 from .registry import NotDifferentiable, rule
@@ -21,10 +24,10 @@ def _channel_column(g, value, rank):
 
 @rule("BatchNormalization")
 def batch_normalization(g, node, dys):
-    if node.attr("training_mode", 0) or any(dy is not None for dy in dys[1:]):
+    if any(dy is not None for dy in dys[1:]):
         raise NotDifferentiable(
-            "BatchNormalization in training mode (batch statistics) has no rule yet; "
-            "export the model in inference mode (model.eval() in PyTorch)."
+            "BatchNormalization's running-statistic outputs reach the loss; they are "
+            "state, updated by training, not differentiated."
         )
     dy = dys[0]
     x, scale, bias, mean, var = node.input[:5]
@@ -32,6 +35,8 @@ def batch_normalization(g, node, dys):
     if rank is None:
         raise NotDifferentiable("BatchNormalization on a value of unknown rank.")
     axes = [0] + list(range(2, rank))
+    if node.attr("training_mode", 0):
+        return _batch_statistics_normalization(g, node, dy, axes, rank)
     inv_std = g.Reciprocal(g.Sqrt(g.Add(var, g.constant(node.attr("epsilon", 1e-5), like=var))))
     grads = [None] * 5
     if node.needs(0):
@@ -53,6 +58,29 @@ def batch_normalization(g, node, dys):
         weighted = g.reduce("ReduceSum", g.Mul(dy, centred), axes, keepdims=0)
         grads[4] = g.Mul(g.Mul(weighted, g.Mul(scale, inv_cubed)),
                          g.constant(-0.5, like=var))
+    return grads
+
+
+def _batch_statistics_normalization(g, node, dy, axes, rank):
+    """BatchNormalization in training mode: ``y = scale * xhat + bias`` with
+    ``xhat`` normalised by the batch's mean and biased variance; then
+    ``dx = scale * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))``."""
+    x, scale = node.input[:2]
+    mean = g.reduce("ReduceMean", x, axes, keepdims=1)
+    centred = g.Sub(x, mean)
+    var = g.reduce("ReduceMean", g.Mul(centred, centred), axes, keepdims=1)
+    inv_std = g.Reciprocal(g.Sqrt(g.Add(var, g.constant(node.attr("epsilon", 1e-5), like=x))))
+    normalised = g.Mul(centred, inv_std)
+    grads = [None] * 5
+    if node.needs(0):
+        mean_dy = g.reduce("ReduceMean", dy, axes, keepdims=1)
+        mean_dy_xhat = g.reduce("ReduceMean", g.Mul(dy, normalised), axes, keepdims=1)
+        inner = g.Sub(g.Sub(dy, mean_dy), g.Mul(normalised, mean_dy_xhat))
+        grads[0] = g.Mul(g.Mul(inner, inv_std), _channel_column(g, scale, rank))
+    if node.needs(1):
+        grads[1] = g.reduce("ReduceSum", g.Mul(dy, normalised), axes, keepdims=0)
+    if node.needs(2):
+        grads[2] = g.reduce("ReduceSum", dy, axes, keepdims=0)
     return grads
 
 
