@@ -29,7 +29,7 @@ from .losses import BaseLoss, GraphLoss
 from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import onnx_elem_type
 from .penalties import ElasticNetPenalty, make_penalty
-from .sessions import make_session
+from .sessions import check_device, make_session, parse_device
 from .training_mode import TrainingGraph, batch_shapes, inference_graph, training_graph
 
 
@@ -115,6 +115,7 @@ class BaseOnnxSGD(BaseEstimator):
         "engine": [StrOptions(set(ENGINES))],
         "n_threads": [Interval(Integral, 1, None, closed="left"), None],
         "gradient_backend": [StrOptions(set(BACKENDS))],
+        "device": [str],
     }
 
     def __init__(
@@ -123,7 +124,7 @@ class BaseOnnxSGD(BaseEstimator):
         l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=None, gradient_backend="onnxfit",
+        n_threads=None, gradient_backend="onnxfit", device="cpu",
     ):
         # The parameters both estimators share, assigned in one place (as
         # scikit-learn's BaseSGD); each estimator's __init__ lists them again
@@ -152,6 +153,7 @@ class BaseOnnxSGD(BaseEstimator):
         self.engine = engine
         self.n_threads = n_threads
         self.gradient_backend = gradient_backend
+        self.device = device
 
     # -- hooks for the subclasses -----------------------------------------
     #: Whether ``validate_data`` must check that y is numeric.
@@ -243,6 +245,7 @@ class BaseOnnxSGD(BaseEstimator):
         if keep_weights and not first_call:
             self._check_same_model()
         check_backend(self.gradient_backend)
+        check_device(self.device)
         start = reset or first_call
         rebuild = start and not (keep_weights and not first_call)
         # The graph decides how X feeds it: load it before validating X.
@@ -680,13 +683,15 @@ class BaseOnnxSGD(BaseEstimator):
             learning_rate=learning_rate,
             n_threads=self.n_threads,
             gradient_backend=self.gradient_backend,
+            device=parse_device(self.device),
         )
 
     def _get_engine(self):
         """The training engine, rebuilt when a parameter it depends on changed."""
         runtime = self._runtime
         pieces = self._training_pieces()
-        key = (self.engine, *map(_params_key, pieces), self.n_threads, self.gradient_backend)
+        key = (self.engine, *map(_params_key, pieces), self.n_threads, self.gradient_backend,
+               str(parse_device(self.device)))
         if runtime.engine is None or runtime.engine_key != key:
             problem = self._build_problem(pieces)
             runtime.engine = make_engine(self.engine, problem)
@@ -712,12 +717,17 @@ class BaseOnnxSGD(BaseEstimator):
         runtime = self._runtime
         if runtime.predict_session is None:
             runtime.predict_session = make_session(
-                self._get_predict_model(), self.n_threads, self.dtype_
+                self._get_predict_model(), self.n_threads, self.dtype_, self._device()
             )
         feeds = dict(inputs)
         feeds.update(weights)
         feeds.update(self.running_statistics_ if statistics is None else statistics)
         return runtime.predict_session.run([self.trained_output_], feeds)[0]
+
+    def _device(self):
+        """The device of the ``device`` parameter, checked (see
+        :func:`onnxfit.sessions.check_device`)."""
+        return check_device(self.device)
 
     def _forward(self, X, output_names=None):
         """Run the exported graph (see :meth:`to_onnx`) on ``X``.
@@ -741,7 +751,7 @@ class BaseOnnxSGD(BaseEstimator):
         runtime = self._runtime
         if runtime.export_session is None:
             runtime.export_session = make_session(
-                self._prediction_model(), self.n_threads, self.dtype_
+                self._prediction_model(), self.n_threads, self.dtype_, self._device()
             )
         if output_names is None:
             return runtime.export_session.run([self.trained_output_], feeds)[0]

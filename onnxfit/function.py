@@ -59,7 +59,7 @@ __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradie
 
 
 def build_model_runner(forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
-                       backend=DEFAULT_BACKEND, constant_outputs=()):
+                       backend=DEFAULT_BACKEND, constant_outputs=(), device=None):
     """The forward and backward sessions of ``forward_model``'s gradient.
 
     Every output of ``forward_model`` but ``constant_outputs`` (running
@@ -77,7 +77,7 @@ def build_model_runner(forward_model, weight_names, input_names_with_gradient=()
     weights = [i for i in forward_model.graph.input if i.name in set(weight_names)]
     elem = weights[0].type.tensor_type.elem_type if weights else onnx.TensorProto.FLOAT
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    return ForwardBackwardRunner(split, n_threads, dtype)
+    return ForwardBackwardRunner(split, n_threads, dtype, device)
 
 
 class ModelGradientCache:
@@ -115,7 +115,7 @@ class ModelGradientCache:
         self._lock = threading.Lock()
 
     def get(self, forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
-            backend=DEFAULT_BACKEND, constant_outputs=()):
+            backend=DEFAULT_BACKEND, constant_outputs=(), device=None):
         """The runner of ``forward_model``'s gradient, built on first use.
 
         Parameters
@@ -132,6 +132,8 @@ class ModelGradientCache:
             Gradient backend (see :mod:`onnxfit.gradient`).
         constant_outputs : sequence of str, default=()
             Outputs not differentiated (running statistics).
+        device : onnxfit.sessions.Device or None, default=None
+            Where the sessions run (None: the CPU).
 
         Returns
         -------
@@ -139,7 +141,8 @@ class ModelGradientCache:
         """
         digest = hashlib.sha256(forward_model.SerializeToString()).hexdigest()
         key = (digest, tuple(weight_names), tuple(input_names_with_gradient),
-               None if n_threads is None else int(n_threads), backend, tuple(constant_outputs))
+               None if n_threads is None else int(n_threads), backend, tuple(constant_outputs),
+               str(device) if device is not None else "cpu")
         with self._lock:
             runner = self._entries.get(key)
             if runner is not None:
@@ -147,7 +150,7 @@ class ModelGradientCache:
                 self.hits += 1
                 return runner
             runner = build_model_runner(forward_model, weight_names, input_names_with_gradient,
-                                        n_threads, backend, constant_outputs)
+                                        n_threads, backend, constant_outputs, device)
             self.builds += 1
             self._entries[key] = runner
             while len(self._entries) > self.maxsize:

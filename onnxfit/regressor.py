@@ -30,6 +30,26 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     output_name : str, default=None
         Output to train when the graph has several; None takes the only
         output or the first float one.
+    loss_output : str, default=None
+        For a graph that computes its own loss from a label input (as
+        onnxruntime-training's ``TrainingSession`` artifacts do): the name
+        of that loss, a scalar or one value per sample.  ``fit(X, y)`` then
+        feeds y to the graph's label input and minimises that loss
+        (``loss`` is not used); ``output_name`` must name the prediction,
+        which ``predict`` and ``to_onnx`` use without the loss part.
+    input_columns : dict, default=None
+        For a graph with several inputs fed from one 2-D X or DataFrame:
+        ``{input name: [columns]}``, column names (DataFrame) or positions.
+        None assigns the columns in order, by the inputs' declared widths.
+        X may also be a dict ``{input name: array}``.  Integer inputs
+        (category indices into an embedding) are fed as integers.
+    train_mode : bool, default=True
+        Dropout and BatchNormalization behave as in PyTorch's
+        ``model.train()`` while fitting (Dropout masks drawn from
+        ``random_state``; BatchNormalization on batch statistics, its
+        running mean and variance updated, see ``running_statistics_``) and
+        as in ``model.eval()`` in ``predict`` and ``to_onnx``, whichever mode
+        the graph was exported in.  False trains the graph as written.
     learning_rate : 'sgd', 'nesterov' or BaseLearningRate, default='sgd'
         Update rule and schedule.  ``'sgd'`` is ``LearningRateSGD()``
         (``eta0=0.01``, invscaling), ``'nesterov'`` is
@@ -83,12 +103,25 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         build, any Python from 3.10), or the gradient builder of
         onnxruntime-training-cpu 1.19.2 when that build is installed (see
         :mod:`onnxfit.gradient`).
+    device : str, default='cpu'
+        Where training and prediction run: ``'cpu'``, ``'cuda'`` or
+        ``'cuda:N'``.  On a GPU (onnxruntime-gpu installed: ``pip install
+        'onnxfit[gpu]'``), weights, update state and running statistics stay
+        on the device, each batch is copied there, and only the loss comes
+        back per step.
 
     Attributes
     ----------
     onnx_model_ : onnx.ModelProto
         The graph, normalised for training (opset 17 or newer, within what
         the installed onnxruntime runs).
+    input_shapes_ : dict of str -> tuple
+        Per-sample shape of each graph input, as fitted (X has shape
+        ``(n_samples, *input_shapes_[name])``; ``n_features_in_`` is the
+        total of their sizes).
+    running_statistics_ : dict of str -> ndarray
+        BatchNormalization's running means and variances (``train_mode``),
+        written into the exported graph; empty otherwise.
     weights_ : dict of str -> ndarray
         Trained weights.
     weights_to_train_ : list of str
@@ -129,7 +162,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=None, gradient_backend="onnxfit",
+        n_threads=None, gradient_backend="onnxfit", device="cpu",
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
@@ -138,7 +171,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
             warm_start=warm_start, verbose=verbose, engine=engine, n_threads=n_threads,
-            gradient_backend=gradient_backend,
+            gradient_backend=gradient_backend, device=device,
         )
         self.epsilon = epsilon
 

@@ -16,6 +16,7 @@ on none of them by default (see the installation notes in the README).
 import functools
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -157,8 +158,79 @@ def session_options(n_threads=1, log_severity_level=3):
     return options
 
 
-def make_session(model, n_threads=1, dtype=np.float32):
-    """An ``InferenceSession`` on ``model`` (ModelProto or bytes) on the CPU.
+@dataclass(frozen=True)
+class Device:
+    """Where sessions run and engines keep their tensors.
+
+    Attributes
+    ----------
+    type : {'cpu', 'cuda'}
+    id : int
+        The GPU's index (0 on the CPU).
+    """
+
+    type: str = "cpu"
+    id: int = 0
+
+    @property
+    def providers(self):
+        """onnxruntime execution providers, the device's first."""
+        if self.type == "cuda":
+            return [("CUDAExecutionProvider", {"device_id": self.id}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def __str__(self):
+        return self.type if self.type == "cpu" else f"{self.type}:{self.id}"
+
+
+CPU = Device()
+
+
+def parse_device(device):
+    """The :class:`Device` that ``device`` names: ``'cpu'``, ``'cuda'``
+    (GPU 0) or ``'cuda:N'``.
+
+    Raises
+    ------
+    ValueError
+        For any other value.
+    """
+    if isinstance(device, Device):
+        return device
+    if isinstance(device, str):
+        match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip().lower())
+        if match and not (match.group(1) == "cpu" and match.group(2) not in (None, "0")):
+            return Device(match.group(1), int(match.group(2) or 0))
+    raise ValueError(
+        f"device must be 'cpu', 'cuda' or 'cuda:N' (N the index of a GPU), not {device!r}."
+    )
+
+
+def check_device(device):
+    """``device`` parsed (see :func:`parse_device`), once the installed
+    onnxruntime is known to run on it.
+
+    Raises
+    ------
+    ValueError
+        For a GPU without onnxruntime's CUDA execution provider.
+    """
+    device = parse_device(device)
+    if device.type == "cuda":
+        available = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(
+                f"device={str(device)!r} needs onnxruntime's CUDA build, but the installed "
+                f"onnxruntime {onnxruntime.__version__} offers {available}. Install it in "
+                "place of onnxruntime (pip uninstall onnxruntime; pip install "
+                "'onnxfit[gpu]'), on a machine with an NVIDIA GPU and its driver, or "
+                "train with device='cpu'."
+            )
+    return device
+
+
+def make_session(model, n_threads=1, dtype=np.float32, device=None):
+    """An ``InferenceSession`` on ``model`` (ModelProto or bytes).
 
     Parameters
     ----------
@@ -167,14 +239,17 @@ def make_session(model, n_threads=1, dtype=np.float32):
         See :func:`session_options`.
     dtype : numpy dtype, default=float32
         Element type of the graph's float tensors.
+    device : Device or None, default=None
+        Where it runs (None: the CPU).
     """
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     kwargs = {}
     if np.dtype(dtype) == np.float64:
         kwargs["disabled_optimizers"] = _FLOAT64_DISABLED_OPTIMIZERS
+    providers = (device or CPU).providers
     return onnxruntime.InferenceSession(
-        model, session_options(n_threads), providers=["CPUExecutionProvider"], **kwargs
+        model, session_options(n_threads), providers=providers, **kwargs
     )
 
 

@@ -60,7 +60,7 @@ def test_warm_start_refuses_a_changed_graph_configuration(regression):
     X, y = regression
     est = OnnxSGDRegressor(warm_start=True, max_iter=5, tol=None).fit(X, y)
     est.set_params(weights_to_train=["intercept"])
-    with pytest.raises(ValueError, match="output_name or train_mode changed"):
+    with pytest.raises(ValueError, match="output_name, loss_output or train_mode changed"):
         est.fit(X, y)
     # the previous fit survives the refused call
     assert est.weights_to_train_ == ["coef", "intercept"]

@@ -19,11 +19,13 @@ from .problem import TrainingProblem
 ENGINES = {"fused": FusedEngine, "forward_backward": ForwardBackwardEngine}
 
 
-def make_engine(name, problem):
-    """Build the engine called ``name`` for ``problem``."""
+def make_engine(name, problem, memory=None):
+    """Build the engine called ``name`` for ``problem`` (``memory``: see
+    :class:`onnxfit.engines.buffers.EngineMemory`; default: the problem's
+    device's)."""
     if name not in ENGINES:
         raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)}.")
-    return ENGINES[name](problem)
+    return ENGINES[name](problem, memory)
 
 
 __all__ = [

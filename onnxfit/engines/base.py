@@ -11,9 +11,9 @@ schedule, early stopping) stays in the estimator.
 
 import numpy as np
 
-from ..sessions import bind_output_array
-from .buffers import BatchBuffers, WeightSet
-from .problem import state_value_name, updated_name
+from ..sessions import CPU
+from .buffers import BatchBuffers, EngineMemory, WeightSet
+from .problem import FLAT_WEIGHTS, flat_state_name, state_value_name, updated_name
 
 
 class BaseEngine:
@@ -24,14 +24,16 @@ class BaseEngine:
     problem : TrainingProblem
     """
 
-    def __init__(self, problem):
+    def __init__(self, problem, memory=None):
         self.problem = problem
+        self.device = problem.device or CPU
+        self.memory = memory or EngineMemory(self.device)
         self._buffers = {}
         # Two sets of weights/state buffers: a step reads set ``_parity`` and
         # writes the other one.  Writing in place would be wrong, since
         # onnxruntime may update a weight before a backward node that still
         # reads the old value.
-        self._sets = [WeightSet(problem), WeightSet(problem)]
+        self._sets = [WeightSet(problem, self.memory), WeightSet(problem, self.memory)]
         self._parity = 0
 
     def set_state(self, weights, states, statistics=None):
@@ -46,45 +48,54 @@ class BaseEngine:
         statistics : dict of str -> ndarray, optional
             Running statistics (``TrainingProblem.statistics``).
         """
-        for name, array in self._sets[0].statistics.items():
-            np.copyto(array, statistics[name], casting="same_kind")
-        current = self._sets[0].views
-        for weight in self.problem.weight_names:
-            np.copyto(current[weight], weights[weight], casting="same_kind")
-            for state in self.problem.state_names:
-                np.copyto(
-                    current[state_value_name(weight, state)],
-                    states[weight][state],
-                    casting="same_kind",
-                )
+        problem, memory, current = self.problem, self.memory, self._sets[0]
+        for name, tensor in current.statistics.items():
+            memory.write(tensor, statistics[name])
+        # The flat vectors are made whole on the host, then written at once
+        # (a device allocation is written whole, not view by view).
+        offsets = problem.weight_offsets()
+        for key, state in [(FLAT_WEIGHTS, None)] + [
+                (flat_state_name(s), s) for s in problem.state_names]:
+            flat = np.empty(problem.n_weights, dtype=problem.dtype)
+            for weight, (start, stop) in offsets.items():
+                value = weights[weight] if state is None else states[weight][state]
+                flat[start:stop] = np.asarray(value).reshape(-1)
+            memory.write(current.flat[key], flat)
         self._parity = 0
 
     def get_state(self):
         """Copies of the current weights, update-rule state and running
         statistics."""
-        current = self._sets[self._parity].views
-        weights = {w: current[w].copy() for w in self.problem.weight_names}
+        problem, current = self.problem, self._sets[self._parity]
+        offsets = problem.weight_offsets()
+        flats = {key: self.memory.read(flat) for key, flat in current.flat.items()}
+
+        def unflatten(key, weight):
+            start, stop = offsets[weight]
+            return flats[key][start:stop].reshape(problem.weight_shapes[weight]).copy()
+
+        weights = {w: unflatten(FLAT_WEIGHTS, w) for w in problem.weight_names}
         states = {
-            w: {s: current[state_value_name(w, s)].copy() for s in self.problem.state_names}
-            for w in self.problem.weight_names
+            w: {s: unflatten(flat_state_name(s), w) for s in problem.state_names}
+            for w in problem.weight_names
         }
-        statistics = {n: a.copy() for n, a in self._sets[self._parity].statistics.items()}
+        statistics = {n: self.memory.read(a) for n, a in current.statistics.items()}
         return weights, states, statistics
 
     def _bind_statistics(self, binding, parity):
         """Bind the running statistics read from set ``parity``, and their
         new values, written to the other set."""
         for name, new in self.problem.statistics.items():
-            binding.bind_cpu_input(name, self._sets[parity].statistics[name])
-            bind_output_array(binding, new, self._sets[1 - parity].statistics[name])
+            self.memory.bind_input(binding, name, self._sets[parity].statistics[name])
+            self.memory.bind_output(binding, new, self._sets[1 - parity].statistics[name])
 
     def _bind_update_rule(self, binding, parity):
         """Bind what the update rule reads from set ``parity`` and writes to
         the other set."""
         for name, array in self._sets[parity].flat.items():
-            binding.bind_cpu_input(name, array)
+            self.memory.bind_input(binding, name, array)
         for name, array in self._sets[1 - parity].flat.items():
-            bind_output_array(binding, updated_name(name), array)
+            self.memory.bind_output(binding, updated_name(name), array)
 
     def run_epoch(self, inputs, label, sample_weight, order, batch_size, rates, rng=None):
         """Run one pass of mini-batch updates.

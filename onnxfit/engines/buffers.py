@@ -8,6 +8,7 @@ data set per epoch, no allocation per step.
 
 import numpy as np
 
+from ..sessions import bind_output_array
 from .problem import FLAT_WEIGHTS, flat_state_name, state_value_name
 
 
@@ -115,6 +116,7 @@ class WeightSet:
     Parameters
     ----------
     problem : TrainingProblem
+    memory : EngineMemory
 
     Attributes
     ----------
@@ -127,9 +129,9 @@ class WeightSet:
         Each running statistic (see ``TrainingProblem.statistics``) -> array.
     """
 
-    def __init__(self, problem):
+    def __init__(self, problem, memory):
         self.statistics = {
-            name: np.zeros(problem.statistic_shapes[name], dtype=problem.dtype)
+            name: memory.zeros(problem.statistic_shapes[name], problem.dtype)
             for name in problem.statistics
         }
         offsets = problem.weight_offsets()
@@ -137,8 +139,119 @@ class WeightSet:
         for key, state in [(FLAT_WEIGHTS, None)] + [
             (flat_state_name(s), s) for s in problem.state_names
         ]:
-            flat = np.zeros(problem.n_weights, dtype=problem.dtype)
+            flat = memory.zeros((problem.n_weights,), problem.dtype)
             self.flat[key] = flat
             for weight, (start, stop) in offsets.items():
                 name = weight if state is None else state_value_name(weight, state)
-                self.views[name] = flat[start:stop].reshape(problem.weight_shapes[weight])
+                self.views[name] = memory.view(flat, start, stop, problem.weight_shapes[weight])
+
+
+class DeviceArray:
+    """A tensor (or a contiguous part of one) in an ``OrtValue``'s memory.
+
+    Engines on a GPU keep weights, update state and the values passed
+    between graphs in device memory; a weight is a view into the flat
+    vector, bound to onnxruntime by address (``IOBinding.bind_input`` with
+    a buffer pointer), as numpy views are on the CPU.
+
+    Parameters
+    ----------
+    ortvalue : onnxruntime.OrtValue
+        The allocation (kept alive by every view of it).
+    dtype : numpy dtype
+    shape : tuple
+    offset : int, default=0
+        Position of the first element in the allocation, in elements.
+    """
+
+    def __init__(self, ortvalue, dtype, shape, offset=0):
+        self.ortvalue = ortvalue
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(d) for d in shape)
+        self.offset = int(offset)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def address(self):
+        return self.ortvalue.data_ptr() + self.offset * self.dtype.itemsize
+
+    def view(self, start, stop, shape):
+        """Elements ``start:stop`` of this flat array, shaped ``shape``."""
+        return DeviceArray(self.ortvalue, self.dtype, shape, self.offset + start)
+
+
+class EngineMemory:
+    """Where an engine keeps its tensors, and how it binds them.
+
+    On the CPU (the default), numpy arrays that onnxruntime reads and writes
+    in place.  On a GPU, :class:`DeviceArray` views into ``OrtValue``
+    allocations on the device: weights, update state, running statistics
+    and the values passed between graphs never leave it; each batch is
+    copied there as the step's input, and only the scalar loss comes back.
+    ``ortvalues=True`` uses device-style memory on the CPU as well (tests
+    run the GPU code path that way).
+
+    Parameters
+    ----------
+    device : onnxfit.sessions.Device
+    ortvalues : bool or None, default=None
+        None: OrtValues on a GPU, numpy arrays on the CPU.
+    """
+
+    def __init__(self, device, ortvalues=None):
+        self.device = device
+        self.ortvalues = device.type != "cpu" if ortvalues is None else bool(ortvalues)
+
+    def zeros(self, shape, dtype):
+        """A new zero-filled tensor."""
+        if not self.ortvalues:
+            return np.zeros(shape, dtype=dtype)
+        from onnxruntime import OrtValue
+
+        value = OrtValue.ortvalue_from_numpy(
+            np.zeros(shape, dtype=dtype), self.device.type, self.device.id)
+        return DeviceArray(value, dtype, shape)
+
+    def view(self, flat, start, stop, shape):
+        """Elements ``start:stop`` of the flat tensor ``flat``, shaped ``shape``."""
+        if isinstance(flat, DeviceArray):
+            return flat.view(start, stop, shape)
+        return flat[start:stop].reshape(shape)
+
+    @staticmethod
+    def read(tensor):
+        """A numpy copy of ``tensor``."""
+        if isinstance(tensor, DeviceArray):
+            whole = tensor.ortvalue.numpy().reshape(-1)
+            return whole[tensor.offset:tensor.offset + tensor.size].reshape(tensor.shape).copy()
+        return tensor.copy()
+
+    @staticmethod
+    def write(tensor, array):
+        """Copy ``array`` into the whole allocation ``tensor`` (not a view)."""
+        if isinstance(tensor, DeviceArray):
+            tensor.ortvalue.update_inplace(
+                np.ascontiguousarray(array, dtype=tensor.dtype).reshape(tensor.shape))
+        else:
+            np.copyto(tensor, array, casting="same_kind")
+
+    def bind_input(self, binding, name, tensor):
+        if isinstance(tensor, DeviceArray):
+            binding.bind_input(name, self.device.type, self.device.id, tensor.dtype,
+                               list(tensor.shape), tensor.address)
+        else:
+            binding.bind_cpu_input(name, tensor)
+
+    def bind_output(self, binding, name, tensor):
+        if isinstance(tensor, DeviceArray):
+            binding.bind_output(name, self.device.type, self.device.id, tensor.dtype,
+                                list(tensor.shape), tensor.address)
+        else:
+            bind_output_array(binding, name, tensor)
+
+    def bind_allocated_output(self, binding, name):
+        """Let onnxruntime allocate output ``name`` on the device at each run."""
+        binding.bind_output(name, self.device.type, self.device.id)

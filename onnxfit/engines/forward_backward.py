@@ -149,13 +149,14 @@ class ForwardBackwardEngine(BaseEngine):
 
     name = "forward_backward"
 
-    def __init__(self, problem):
-        super().__init__(problem)
+    def __init__(self, problem, memory=None):
+        super().__init__(problem, memory)
         dtype = problem.dtype
         threads = problem.n_threads
         self.model_runner = model_gradient_cache.get(
             problem.forward_model, problem.weight_names, n_threads=threads,
             backend=problem.gradient_backend, constant_outputs=list(problem.statistics.values()),
+            device=self.device,
         )
         split = self.model_runner.split
         expected_inputs = (problem.input_names + list(problem.weight_names)
@@ -168,13 +169,15 @@ class ForwardBackwardEngine(BaseEngine):
                 f"{split.output_names}."
             )
         self.loss_model = build_loss_model(problem)
-        self.loss_session = make_session(self.loss_model, threads, dtype)
+        device = self.device
+        self.loss_session = make_session(self.loss_model, threads, dtype, device)
         penalized = bool(problem.penalized)
         self.penalty_model = build_penalty_model(problem) if penalized else None
-        self.penalty_session = make_session(self.penalty_model, threads, dtype) if penalized \
+        self.penalty_session = make_session(self.penalty_model, threads, dtype, device) \
+            if penalized \
             else None
         self.update_model = build_update_model(problem)
-        self.update_session = make_session(self.update_model, threads, dtype)
+        self.update_session = make_session(self.update_model, threads, dtype, device)
 
         loss_info = next(o for o in self.loss_model.graph.output if o.name == DATA_LOSS)
         loss_dtype = numpy_dtype(loss_info.type.tensor_type.elem_type)
@@ -183,11 +186,12 @@ class ForwardBackwardEngine(BaseEngine):
         self._rate = np.zeros((), dtype=dtype)
         # The backward pass writes each weight's gradient into a view of one
         # flat vector, which the penalty and the update read whole.
-        self._model_gradient = np.zeros(problem.n_weights, dtype)
-        self._total_gradient = np.zeros(problem.n_weights, dtype) if penalized \
+        memory = self.memory
+        self._model_gradient = memory.zeros((problem.n_weights,), dtype)
+        self._total_gradient = memory.zeros((problem.n_weights,), dtype) if penalized \
             else self._model_gradient
         self._gradient_views = {
-            w: self._model_gradient[start:stop].reshape(problem.weight_shapes[w])
+            w: memory.view(self._model_gradient, start, stop, problem.weight_shapes[w])
             for w, (start, stop) in problem.weight_offsets().items()
         }
         self._penalty_bindings = [self._bind_penalty(p) for p in (0, 1)] if penalized \
@@ -204,17 +208,18 @@ class ForwardBackwardEngine(BaseEngine):
     # -- IO bindings -------------------------------------------------------------
     def _bind_penalty(self, parity):
         binding = self.penalty_session.io_binding()
+        memory = self.memory
         binding.bind_cpu_input(DATA_LOSS, self._data_loss)
-        binding.bind_cpu_input(FLAT_WEIGHTS, self._sets[parity].flat[FLAT_WEIGHTS])
-        binding.bind_cpu_input(MODEL_GRADIENT, self._model_gradient)
-        bind_output_array(binding, FLAT_GRADIENT, self._total_gradient)
+        memory.bind_input(binding, FLAT_WEIGHTS, self._sets[parity].flat[FLAT_WEIGHTS])
+        memory.bind_input(binding, MODEL_GRADIENT, self._model_gradient)
+        memory.bind_output(binding, FLAT_GRADIENT, self._total_gradient)
         bind_output_array(binding, LOSS, self._objective)
         return binding
 
     def _bind_update(self, parity):
         binding = self.update_session.io_binding()
         binding.bind_cpu_input(LEARNING_RATE, self._rate)
-        binding.bind_cpu_input(FLAT_GRADIENT, self._total_gradient)
+        self.memory.bind_input(binding, FLAT_GRADIENT, self._total_gradient)
         self._bind_update_rule(binding, parity)
         return binding
 
@@ -250,9 +255,9 @@ class ForwardBackwardEngine(BaseEngine):
         for name, array in buffers.masks.items():
             binding.bind_cpu_input(name, array)
         for weight in self.problem.weight_names:
-            binding.bind_cpu_input(weight, self._sets[parity].views[weight])
+            self.memory.bind_input(binding, weight, self._sets[parity].views[weight])
         for name, array in self._sets[parity].statistics.items():
-            binding.bind_cpu_input(name, array)
+            self.memory.bind_input(binding, name, array)
 
     def _saved_buffers(self, buffers):
         """Buffers for the values the backward pass reads, shaped by one
@@ -269,8 +274,8 @@ class ForwardBackwardEngine(BaseEngine):
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         values = dict(zip(names, binding.copy_outputs_to_cpu()))
-        return {name: np.empty_like(values[name]) for name in split.saved_names
-                if name not in split.output_names}
+        return {name: self.memory.zeros(values[name].shape, values[name].dtype)
+                for name in split.saved_names if name not in split.output_names}
 
     def _bind_batch(self, buffers):
         problem = self.problem
@@ -279,8 +284,9 @@ class ForwardBackwardEngine(BaseEngine):
         # be a scalar).
         shape = tuple(buffers.size if d == "N" else d
                       for d in problem.loss.prediction_shape(problem.label_shape))
-        prediction = np.empty(shape, dtype=problem.dtype)
-        output_gradient = np.empty(shape, dtype=problem.dtype)
+        memory = self.memory
+        prediction = memory.zeros(shape, problem.dtype)
+        output_gradient = memory.zeros(shape, problem.dtype)
         saved = self._saved_buffers(buffers)  # the buffers hold zeros and ones here
         dynamic = saved is None
         saved = {} if dynamic else saved
@@ -295,32 +301,33 @@ class ForwardBackwardEngine(BaseEngine):
                               for name, new in problem.statistics.items()}
             for name in split.forward_output_names:
                 if name in saved:
-                    bind_output_array(binding, name, saved[name])
+                    memory.bind_output(binding, name, saved[name])
                 elif name in new_statistics:
-                    bind_output_array(binding, name, new_statistics[name])
+                    memory.bind_output(binding, name, new_statistics[name])
                 else:  # data-dependent shapes: onnxruntime allocates at each step
-                    binding.bind_output(name, "cpu")
+                    memory.bind_allocated_output(binding, name)
             forward.append(binding)
             binding = self.model_runner.backward_session.io_binding()
             for name in split.backward_input_names:
                 if name in saved:
-                    binding.bind_cpu_input(name, saved[name])
+                    memory.bind_input(binding, name, saved[name])
                 elif name in batch_values:
                     binding.bind_cpu_input(name, batch_values[name])
                 elif name in views:
-                    binding.bind_cpu_input(name, views[name])
+                    memory.bind_input(binding, name, views[name])
                 elif name in self._sets[parity].statistics:
-                    binding.bind_cpu_input(name, self._sets[parity].statistics[name])
-            binding.bind_cpu_input(split.cotangent_names[problem.output_name], output_gradient)
+                    memory.bind_input(binding, name, self._sets[parity].statistics[name])
+            memory.bind_input(binding, split.cotangent_names[problem.output_name],
+                              output_gradient)
             for weight, output in split.gradient_names.items():
-                bind_output_array(binding, output, self._gradient_views[weight])
+                memory.bind_output(binding, output, self._gradient_views[weight])
             backward.append(binding)
         loss = self.loss_session.io_binding()
-        loss.bind_cpu_input(PREDICTION, prediction)
+        memory.bind_input(loss, PREDICTION, prediction)
         loss.bind_cpu_input(LABEL, buffers.label)
         loss.bind_cpu_input(SAMPLE_WEIGHT, buffers.sample_weight)
         bind_output_array(loss, DATA_LOSS, self._data_loss)
-        bind_output_array(loss, PREDICTION_GRADIENT, output_gradient)
+        memory.bind_output(loss, PREDICTION_GRADIENT, output_gradient)
         rebound = [] if not dynamic else [
             (k, name) for k, name in enumerate(split.forward_output_names)
             if name in split.backward_input_names and name not in saved]

@@ -116,10 +116,11 @@ class FusedEngine(BaseEngine):
 
     name = "fused"
 
-    def __init__(self, problem):
-        super().__init__(problem)
+    def __init__(self, problem, memory=None):
+        super().__init__(problem, memory)
         self.training_model = build_fused_model(problem)
-        self.session = make_session(self.training_model, problem.n_threads, problem.dtype)
+        self.session = make_session(self.training_model, problem.n_threads, problem.dtype,
+                                    self.device)
         loss_out = self.training_model.graph.output[0]
         self._loss_name = loss_out.name
         self._step_loss = np.zeros((), dtype=numpy_dtype(loss_out.type.tensor_type.elem_type))
@@ -139,7 +140,7 @@ class FusedEngine(BaseEngine):
             binding.bind_cpu_input(SAMPLE_WEIGHT, buffers.sample_weight)
             binding.bind_cpu_input(LEARNING_RATE, self._rate)
             for weight in problem.weight_names:
-                binding.bind_cpu_input(weight, self._sets[parity].views[weight])
+                self.memory.bind_input(binding, weight, self._sets[parity].views[weight])
             self._bind_update_rule(binding, parity)
             self._bind_statistics(binding, parity)
             bind_output_array(binding, self._loss_name, self._step_loss)

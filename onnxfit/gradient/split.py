@@ -208,6 +208,8 @@ class ForwardBackwardRunner:
         onnxruntime intra-op threads.
     dtype : numpy dtype, default=float32
         Element type of the graph's float tensors.
+    device : onnxfit.sessions.Device or None, default=None
+        Where the sessions run (None: the CPU).
 
     Attributes
     ----------
@@ -215,10 +217,10 @@ class ForwardBackwardRunner:
     forward_session, backward_session : onnxruntime.InferenceSession
     """
 
-    def __init__(self, split, n_threads=1, dtype="float32"):
+    def __init__(self, split, n_threads=1, dtype="float32", device=None):
         self.split = split
-        self.forward_session = make_session(split.forward, n_threads, dtype)
-        self.backward_session = make_session(split.backward, n_threads, dtype)
+        self.forward_session = make_session(split.forward, n_threads, dtype, device)
+        self.backward_session = make_session(split.backward, n_threads, dtype, device)
         self._forward_outputs = split.forward_output_names
         self._gradient_outputs = list(split.gradient_names.values())
 
