@@ -28,8 +28,8 @@ cnn_digits_dynamo              digits images             0.944  0.92
 split and the fit; over fit seeds 0-5 the lowest scores were 0.949, 0.951,
 0.907 and 0.944, and two epochs stay below 0.57.  Each fit takes about a
 second at most on one thread.)  The two exports of a model start from the
-same torch weights and reach the same score.  torch_embedding_mlp is trained in test_inputs.py, torch_cnn_digits
-(TorchScript) there too.
+same torch weights and reach the same score.  torch_embedding_mlp is trained
+in test_inputs.py, torch_cnn_digits (TorchScript) there too.
 """
 
 import os
