@@ -32,7 +32,6 @@ import numpy as np
 import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
-from onnx.utils import Extractor
 
 from .function import build_model_runner
 from .gradient import DEFAULT_BACKEND, check_backend
@@ -272,7 +271,9 @@ def check_gradients(model, X=None, *, output_name=None, weights_to_train=None,
     # it in a Reshape, so generated inputs keep the declared size.
     declared = _declared_inputs(model)
     model = normalise_model(model)
-    prepared = _prepare(model, weights_to_train, output_name, declared)
+    # The estimators' choice of output and weights; inputs the output does
+    # not read are left out.
+    prepared = OnnxModel(model, weights_to_train, output_name, unused_inputs="ignore")
     forward_model = prepared.forward_model()
     weight_names = list(prepared.weight_names)
     dtype = np.dtype(prepared.dtype)
@@ -377,88 +378,6 @@ def _declared_inputs(model):
     return declared
 
 
-def _prepare(model, weights_to_train, output_name, declared):
-    """The estimators' view of the graph (:class:`OnnxModel`) when it has
-    one float input; the same choices of output and weights for graphs with
-    several inputs, or integer ones, which training does not take but the
-    gradient rules differentiate all the same."""
-    inputs = list(declared)
-    if len(inputs) == 1 and numpy_dtype(declared[inputs[0]][0]) is not None:
-        return OnnxModel(model, weights_to_train, output_name)
-    return _SeveralInputsModel(model, weights_to_train, output_name, inputs)
-
-
-class _SeveralInputsModel(OnnxModel):
-    """:class:`OnnxModel`'s selection of the output and the weights, for a
-    graph with any number of inputs."""
-
-    def __init__(self, model, weights_to_train, output_name, input_names):
-        if not input_names:
-            raise ValueError("The graph has no input (every input has an initializer).")
-        self.model = model
-        # What OnnxModel's selection methods read besides the graph: no loss
-        # computed by the graph itself, no label input.
-        self.loss_output = None
-        self.label_name = None
-        self.input_names = list(input_names)
-        self.input_name = self.input_names[0]
-        self.input_dtype = None
-        self.output_name = self._select_output(output_name)
-        self._forward = self._extract(self.output_name)
-        elem = tensor_elem_type(
-            next(o for o in self._forward.graph.output if o.name == self.output_name))
-        self.dtype = numpy_dtype(elem)
-        self.weight_names = self._select_weights(weights_to_train)
-
-    def _extract(self, output_name):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(self.model)
-            forward = Extractor(inferred).extract_model(
-                self.input_names, [output_name])
-        except Exception as exc:
-            raise ValueError(
-                f"Cannot extract the part of the graph computing {output_name!r}: {exc}"
-            ) from exc
-        out = next(o for o in forward.graph.output if o.name == output_name)
-        if numpy_dtype(tensor_elem_type(out)) is None:
-            raise ValueError(
-                f"Output {output_name!r} is not a float or double tensor; float tensor "
-                f"outputs are {self.float_outputs()}."
-            )
-        forward.ir_version = self.model.ir_version
-        return forward
-
-    def forward_model(self):
-        """The pruned graph: the data inputs the output needs, then the
-        weights, as graph inputs."""
-        model = onnx.ModelProto()
-        model.CopyFrom(self._forward)
-        graph = model.graph
-        moved = {i.name: helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
-                 for i in graph.initializer if i.name in self.weight_names}
-        keep = [i for i in graph.initializer if i.name not in moved]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        # The extractor keeps every input asked for; an input the output
-        # does not read would be one more thing to feed.
-        read = {name for node in _all_nodes(graph) for name in node.input}
-        data = [i for i in graph.input if i.name in read and i.name not in moved]
-        del graph.input[:]
-        graph.input.extend(data)
-        graph.input.extend(moved[n] for n in self.weight_names)
-        return model
-
-
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_nodes(subgraph)
-
-
 # -- the inputs ------------------------------------------------------------------------------
 def _make_inputs(X, declared, names, batch_size, rng):
     """The value of every input in ``names``: given in ``X``, or generated."""
@@ -546,6 +465,17 @@ def _double_tensor(tensor):
 _TYPE_ATTRIBUTES = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype",
                     "RandomUniform": "dtype", "RandomNormalLike": "dtype",
                     "RandomUniformLike": "dtype"}
+
+
+def _all_nodes(graph):
+    """The nodes of ``graph`` and of its subgraphs."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_nodes(subgraph)
 
 
 def _to_double(model):

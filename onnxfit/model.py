@@ -191,6 +191,10 @@ class OnnxModel:
     loss_output : str or None
         A scalar (or per-sample) loss the graph computes itself from the
         prediction and a label input: it is then what training minimises.
+    unused_inputs : {'refuse', 'ignore'}, default='refuse'
+        What to do with graph inputs the trained value does not read:
+        training refuses them (X would feed nothing); a gradient check
+        leaves them out.
 
     Attributes
     ----------
@@ -214,7 +218,8 @@ class OnnxModel:
         graph).
     """
 
-    def __init__(self, model, weights_to_train=None, output_name=None, loss_output=None):
+    def __init__(self, model, weights_to_train=None, output_name=None, loss_output=None,
+                 unused_inputs="refuse"):
         self.model = model
         graph = model.graph
         init_names = {i.name for i in graph.initializer}
@@ -250,7 +255,7 @@ class OnnxModel:
             self.label_name = labels[0]
         else:
             unused = [n for n in inputs if n not in feeding]
-            if unused:
+            if unused and unused_inputs == "refuse":
                 raise ValueError(
                     f"The graph inputs {unused} do not feed the output {self.output_name!r}. "
                     "If the graph computes its own loss from a label input, name that "

@@ -4,7 +4,6 @@ runner.  Each operator's rule is checked against finite differences in
 tests/test_rules.py; whole graphs in tests/test_zoo.py."""
 
 import numpy as np
-import onnx
 import pytest
 from numpy.testing import assert_allclose
 from onnx import TensorProto, helper, numpy_helper, parser

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..sessions import CPU
 from .buffers import BatchBuffers, EngineMemory, WeightSet
-from .problem import FLAT_WEIGHTS, flat_state_name, state_value_name, updated_name
+from .problem import FLAT_WEIGHTS, flat_state_name, updated_name
 
 
 class BaseEngine:

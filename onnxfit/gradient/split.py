@@ -126,7 +126,6 @@ def split_gradient_graph(gradient_graph):
     forward_nodes = [nodes[k] for k in sorted(forward_ids)]
     backward_nodes = [nodes[k] for k in sorted(backward_ids)]
 
-    forward_values = {o for n in forward_nodes for o in n.output if o}
     backward_reads = set()
     for node in backward_nodes:
         backward_reads |= node_reads(node)
