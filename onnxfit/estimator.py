@@ -87,6 +87,44 @@ def assert_finite(array, input_name, estimator):
         assert_all_finite(array, estimator_name=type(estimator).__name__, input_name=input_name)
 
 
+class _StoppingRule:
+    """scikit-learn's SGD stopping rule: stop after ``n_iter_no_change``
+    epochs in a row without improving the best value by ``tol`` (never with
+    ``tol=None``); with a validation score, the best epoch's state is kept.
+    """
+
+    def __init__(self, tol, n_iter_no_change):
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.best_loss = np.inf
+        self.best_score = -np.inf
+        self.best_state = None
+        self.no_improvement = 0
+
+    def lower_is_better(self, loss):
+        """Record a training loss; whether it improved on the best by tol."""
+        improved = self.tol is None or loss < self.best_loss - self.tol
+        self.best_loss = min(self.best_loss, loss)
+        return improved
+
+    def higher_is_better(self, score, state):
+        """Record a validation score and its state; whether it improved."""
+        if score > self.best_score:
+            self.best_state = state
+        improved = self.tol is None or score > self.best_score + self.tol
+        self.best_score = max(self.best_score, score)
+        return improved
+
+    def patience_ran_out(self, improved):
+        if self.tol is None:
+            return False
+        self.no_improvement = 0 if improved else self.no_improvement + 1
+        return self.no_improvement >= self.n_iter_no_change
+
+    def reset(self):
+        self.no_improvement = 0
+
+
 class BaseOnnxSGD(BaseEstimator):
     """Base class of the onnxfit estimators (not to be used directly)."""
 
@@ -354,22 +392,11 @@ class BaseOnnxSGD(BaseEstimator):
         engine.set_state(self.weights_, self._update_state, self.running_statistics_)
         schedule_state = self._schedule_state
         learning_rate = self._learning_rate
-
         rng = self._rng
         validation = None
         if use_early_stopping:
-            n = n_samples(inputs)
-            train_idx, val_idx = self._validation_split(n, y, rng)
-            if len(val_idx) == 0 or len(train_idx) == 0:
-                raise ValueError(
-                    f"validation_fraction={self.validation_fraction} leaves an empty "
-                    f"training or validation set for {n} samples."
-                )
-            validation = (take_rows(inputs, val_idx), y[val_idx])
-            inputs, labels = take_rows(inputs, train_idx), labels[train_idx]
-            if sample_weight is not None:
-                sample_weight = sample_weight[train_idx]
-
+            (inputs, labels, sample_weight), validation = self._hold_out(
+                inputs, y, labels, sample_weight)
         n = n_samples(inputs)
         batch_size = self._batch_size(n)
         n_batches = -(-n // batch_size)
@@ -378,10 +405,7 @@ class BaseOnnxSGD(BaseEstimator):
             from tqdm.auto import tqdm
 
             progress = tqdm(total=max_iter, desc=type(self).__name__, unit="epoch")
-        best_state = None
-        best_score = -np.inf
-        best_loss = np.inf
-        no_improvement = 0
+        stopping = _StoppingRule(self.tol, self.n_iter_no_change)
         try:
             for _ in range(max_iter):
                 # intp indices: int32 would save half of this array's memory
@@ -405,25 +429,17 @@ class BaseOnnxSGD(BaseEstimator):
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.6g}")
-                if validation is not None:
-                    state = engine.get_state()
-                    score = self._validation_score(
-                        validation[0], validation[1], state[0], state[2])
-                    self.validation_scores_.append(score)
-                    if score > best_score:
-                        best_state = state
-                    improved = self.tol is None or score > best_score + self.tol
-                    best_score = max(best_score, score)
+                if validation is None:
+                    improved = stopping.lower_is_better(loss)
                 else:
-                    improved = self.tol is None or loss < best_loss - self.tol
-                    best_loss = min(best_loss, loss)
-                if self.tol is None:
-                    continue
-                no_improvement = 0 if improved else no_improvement + 1
-                if no_improvement >= self.n_iter_no_change:
+                    state = engine.get_state()
+                    score = self._validation_score(*validation, state[0], state[2])
+                    self.validation_scores_.append(score)
+                    improved = stopping.higher_is_better(score, state)
+                if stopping.patience_ran_out(improved):
                     if learning_rate.trigger_stopping(schedule_state, self.verbose):
                         break
-                    no_improvement = 0
+                    stopping.reset()
             else:
                 if max_iter > 1 and self.tol is not None:
                     warnings.warn(
@@ -436,12 +452,27 @@ class BaseOnnxSGD(BaseEstimator):
                 progress.close()
             self.weights_, self._update_state, self.running_statistics_ = engine.get_state()
             self._runtime.export_session = None
-        if best_state is not None:
+        if stopping.best_state is not None:
             # The best epoch's weights with their own update-rule state, so
             # that a later partial_fit continues from that epoch.
-            self.weights_, self._update_state, self.running_statistics_ = best_state
-        self.best_loss_ = best_loss
+            self.weights_, self._update_state, self.running_statistics_ = stopping.best_state
+        self.best_loss_ = stopping.best_loss
         return self
+
+    def _hold_out(self, inputs, y, labels, sample_weight):
+        """Early stopping's split: ``(inputs, labels, sample_weight)`` of
+        the training part, and ``(inputs, y)`` of the validation part."""
+        n = n_samples(inputs)
+        train_idx, val_idx = self._validation_split(n, y, self._rng)
+        if len(val_idx) == 0 or len(train_idx) == 0:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} leaves an empty "
+                f"training or validation set for {n} samples."
+            )
+        validation = (take_rows(inputs, val_idx), y[val_idx])
+        if sample_weight is not None:
+            sample_weight = sample_weight[train_idx]
+        return (take_rows(inputs, train_idx), labels[train_idx], sample_weight), validation
 
     def _batch_size(self, n_samples):
         """Samples per update for a call on ``n_samples`` samples.
