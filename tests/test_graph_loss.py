@@ -2,11 +2,15 @@
 ``TrainingSession`` design): the same weights as the model given without its
 loss and with the matching ``loss=``."""
 
+import os
+
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 from numpy.testing import assert_allclose
 from onnx import TensorProto, helper, numpy_helper
+from onnx.utils import Extractor
 from sklearn.datasets import load_iris
 
 import onnxfit
@@ -133,3 +137,30 @@ def test_errors_say_what_the_loss_needs():
         onnxfit.OnnxSGDRegressor(_mlp("mean"), loss_output="T", output_name="pred").fit(X, y)
     with pytest.raises(ValueError, match="onnx_model, which is None"):
         onnxfit.OnnxSGDRegressor(loss_output="loss").fit(X, y)
+
+
+WITH_LOSS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo", "with_loss")
+
+
+@pytest.mark.parametrize("name", ["torch_mlp_cross_entropy", "torch_mlp_cross_entropy_dynamo"])
+def test_a_pytorch_module_returning_its_loss_trains_like_its_prediction_with_log_loss(name):
+    """PyTorch's export of a module returning ``(pred, CrossEntropyLoss)``:
+    trained on its own loss, the weights are those of its prediction graph
+    trained with loss='log_loss' (float32: to rounding), and the export is
+    the prediction alone."""
+    model = onnx.load(os.path.join(WITH_LOSS, f"{name}.onnx"))
+    prediction = Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(
+        ["X"], ["pred"])
+    X, y = load_iris(return_X_y=True)
+    X = ((X - X.mean(axis=0)) / X.std(axis=0)).astype(np.float32)
+    common = dict(max_iter=8, tol=None, random_state=0, batch_size=16)
+    own = onnxfit.OnnxSGDClassifier(model, loss_output="loss", output_name="pred", **common)
+    own.fit(X, y)
+    reference = onnxfit.OnnxSGDClassifier(prediction, loss="log_loss", **common).fit(X, y)
+    assert sorted(own.weights_) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    for weight in own.weights_:
+        assert_allclose(own.weights_[weight], reference.weights_[weight], rtol=1e-4, atol=1e-5)
+    assert own.score(X, y) > 0.85
+    exported = own.to_onnx()
+    assert [i.name for i in exported.graph.input] == ["X"]
+    assert "SoftmaxCrossEntropyLoss" not in {n.op_type for n in exported.graph.node}

@@ -673,6 +673,56 @@ def make_zoo():
     for name, model, content in _user_graphs(USER_SEED):
         _save(name, model, content)
     np.savez(os.path.join(ZOO_DIR, "cnn_digits_train_step.npz"), **cnn_digits_train_step(USER_SEED))
+    os.makedirs(WITH_LOSS_DIR, exist_ok=True)
+    for name, model in loss_graphs().items():
+        with open(os.path.join(WITH_LOSS_DIR, f"{name}.onnx"), "wb") as f:
+            f.write(model.SerializeToString())
+
+
+# -- graphs that carry their own loss -----------------------------------------------------------
+WITH_LOSS_DIR = os.path.join(ZOO_DIR, "with_loss")
+
+
+def loss_graphs(seed=USER_SEED):
+    """A PyTorch module returning its prediction and its cross-entropy loss
+    (the graph onnxfit trains with ``loss_output=``), from both exporters:
+    ``{name: ModelProto}`` with inputs ``X`` (N, 4) and ``target`` (N,)
+    int64, outputs ``pred`` (N, 3) and ``loss`` (a scalar)."""
+    import onnx
+    import torch
+
+    torch.manual_seed(seed)
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                           torch.nn.Linear(8, 3))
+            self.loss = torch.nn.CrossEntropyLoss()
+
+        def forward(self, x, target):
+            pred = self.net(x)
+            return pred, self.loss(pred, target)
+
+    module = WithLoss()
+    args = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64))
+    names = ["X", "target"]
+    graphs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buffer = io.BytesIO()
+        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=17,
+                          input_names=names, output_names=["pred", "loss"],
+                          dynamic_axes={"X": {0: "batch"}, "target": {0: "batch"},
+                                        "pred": {0: "batch"}})
+        graphs["torch_mlp_cross_entropy"] = onnx.load_from_string(buffer.getvalue())
+        batch = torch.export.Dim("batch")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=18, input_names=names,
+            output_names=["pred", "loss"], dynamic_shapes=({0: batch}, {0: batch}),
+            verbose=False)
+        graphs["torch_mlp_cross_entropy_dynamo"] = program.model_proto
+    return graphs
 
 
 # -- references from onnxruntime-training 1.19.2 ------------------------------------------------
