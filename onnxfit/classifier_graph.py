@@ -274,47 +274,14 @@ def analyse_classifier_graph(model, input_names, output_name=None):
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output if o}
     types = value_types(model)
-    outputs = {o.name: o for o in graph.output}
     zipmaps = [n for n in graph.node if n.op_type == "ZipMap" and n.domain == _ML_DOMAIN]
     label_output = next(
         (o.name for o in graph.output if tensor_elem_type(o) in _LABEL_TYPES), None
     )
     float_outputs = [o.name for o in graph.output if numpy_dtype(tensor_elem_type(o)) is not None]
 
-    if output_name is None:
-        if zipmaps:
-            probabilities = zipmaps[0].input[0]
-        elif float_outputs:
-            probabilities = float_outputs[0]
-        else:
-            raise ValueError(
-                "The graph has no float tensor output to train; its outputs are "
-                f"{list(outputs)}."
-            )
-    else:
-        probabilities = output_name
-        producer = producers.get(output_name)
-        value = outputs.get(output_name)
-        is_map = value is not None and not value.type.HasField("tensor_type")
-        if is_map or (producer is not None and producer.op_type == "ZipMap"):
-            source = producer.input[0] if producer is not None else None
-            raise ValueError(
-                f"output_name={output_name!r} is a ZipMap output (a sequence of "
-                "maps), which has no gradient and cannot be trained. Train the "
-                f"tensor that feeds it ({source!r}), or leave output_name=None, "
-                "which does that."
-            )
-        if output_name not in types and output_name not in producers:
-            raise ValueError(
-                f"output_name={output_name!r} is not a value of the graph; its "
-                f"outputs are {list(outputs)}."
-            )
-        if types.get(output_name) in _LABEL_TYPES:
-            raise ValueError(
-                f"output_name={output_name!r} holds labels (an integer or string "
-                "tensor), which have no gradient: train the scores or the "
-                f"probabilities instead (float tensor outputs: {float_outputs})."
-            )
+    probabilities = _probabilities(graph, output_name, producers, types, zipmaps,
+                                   float_outputs)
     labelled = bool(zipmaps) or label_output is not None
     # Only a converted classifier (label or ZipMap output) names its classes.
     graph_classes = _graph_classes(model, zipmaps, probabilities) if labelled else None
@@ -347,6 +314,45 @@ def analyse_classifier_graph(model, input_names, output_name=None):
             default_weights=default,
         )
     return ClassifierGraph(trained_output=probabilities, link="identity")
+
+
+def _probabilities(graph, output_name, producers, types, zipmaps, float_outputs):
+    """The value holding the class scores or probabilities: ``output_name``
+    once checked, else the tensor feeding a ZipMap, else the first float
+    tensor output."""
+    outputs = {o.name: o for o in graph.output}
+    if output_name is None:
+        if zipmaps:
+            return zipmaps[0].input[0]
+        if float_outputs:
+            return float_outputs[0]
+        raise ValueError(
+            "The graph has no float tensor output to train; its outputs are "
+            f"{list(outputs)}."
+        )
+    producer = producers.get(output_name)
+    value = outputs.get(output_name)
+    is_map = value is not None and not value.type.HasField("tensor_type")
+    if is_map or (producer is not None and producer.op_type == "ZipMap"):
+        source = producer.input[0] if producer is not None else None
+        raise ValueError(
+            f"output_name={output_name!r} is a ZipMap output (a sequence of "
+            "maps), which has no gradient and cannot be trained. Train the "
+            f"tensor that feeds it ({source!r}), or leave output_name=None, "
+            "which does that."
+        )
+    if output_name not in types and output_name not in producers:
+        raise ValueError(
+            f"output_name={output_name!r} is not a value of the graph; its "
+            f"outputs are {list(outputs)}."
+        )
+    if types.get(output_name) in _LABEL_TYPES:
+        raise ValueError(
+            f"output_name={output_name!r} holds labels (an integer or string "
+            "tensor), which have no gradient: train the scores or the "
+            f"probabilities instead (float tensor outputs: {float_outputs})."
+        )
+    return output_name
 
 
 def _all_names(model):
