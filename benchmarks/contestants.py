@@ -18,6 +18,10 @@ Fairness choices, all in the peers' favour:
   update rule (SGD, momentum 0.9, Nesterov) and learning rate;
   scikit-learn's MLPs use their own initialisation with the same rule and
   rate.
+* W4/W5 (PyTorch modules): onnxfit trains the module's export with
+  ``train_mode=True`` (its default: BatchNormalization on batch statistics,
+  Dropout active), PyTorch the same module in ``train()`` mode; both score
+  in eval mode (running statistics, no Dropout).  No scikit-learn peer.
 """
 
 import importlib.util
@@ -107,6 +111,9 @@ class OnnxfitContestant(Contestant):
         return onnxfit.OnnxSGDRegressor
 
     def unavailable(self):
+        if getattr(self.workload, "needs_torch", False) and not torch_available():
+            return (f"skipped: {self.workload.key}'s graph is PyTorch's export; torch is not "
+                    "installed (pip install '.[bench]')")
         try:
             cls = self._estimator_class()
         except ImportError as exc:  # pragma: no cover - broken install
@@ -297,8 +304,9 @@ class SklearnMLPContestant(BlasThreadLimit, Contestant):
 
 # ----------------------------------------------------------------- PyTorch
 class TorchContestant(Contestant):
-    """``nn.Linear``/MLP + ``optim.SGD(momentum=0.9, nesterov=True)``, batch
-    256, shuffled with ``torch.randperm`` every epoch: the usual loop."""
+    """``nn.Linear``/MLP (W4, W5: the workload's module, in ``train()``
+    mode) + ``optim.SGD(momentum=0.9, nesterov=True)``, the workload's batch
+    size, shuffled with ``torch.randperm`` every epoch: the usual loop."""
 
     library = "pytorch"
     is_peer = True
@@ -323,6 +331,12 @@ class TorchContestant(Contestant):
         from torch import nn
 
         wl = self.workload
+        if hasattr(wl, "torch_module"):  # W4, W5: the module onnxfit gets the export of
+            model = wl.torch_module()
+            opt = torch.optim.SGD(model.parameters(), lr=wl.learning_rate, momentum=0.9,
+                                  nesterov=True)
+            return (model, torch.from_numpy(wl.X), torch.from_numpy(wl.y),
+                    nn.CrossEntropyLoss(), opt, torch.Generator().manual_seed(0))
         layers = []
         for k, (w, b) in enumerate(wl.weights):
             lin = nn.Linear(w.shape[0], w.shape[1])
@@ -375,8 +389,12 @@ class TorchContestant(Contestant):
     def score(self):
         import torch
 
-        with torch.no_grad():
-            out = self.model(self.X).numpy()
+        self.model.eval()  # a no-op for the MLPs; W4: running statistics, no Dropout
+        try:
+            with torch.no_grad():
+                out = self.model(self.X).numpy()
+        finally:
+            self.model.train()
         wl = self.workload
         if wl.task == "classification":
             return float(np.mean(out.argmax(axis=1) == wl.y))
@@ -430,7 +448,7 @@ def defaults_lineup(workload):
            OnnxfitContestant(workload, "fused", n_threads=2)]
     if workload.key == "W1":
         out.append(SGDRegressorContestant(workload))
-    else:
+    elif workload.sklearn_peer:
         out.append(SklearnMLPContestant(workload, blas_threads=None))
     out.append(TorchContestant(workload, threads=None))
     out.append(TorchContestant(workload, threads=1))
@@ -446,7 +464,7 @@ def lineup(workload, two_threads=True, fit_loop=False):
         out.append(OnnxfitContestant(workload, "fused", n_threads=2))
     if workload.key == "W1":
         out.append(SGDRegressorContestant(workload))
-    else:
+    elif workload.sklearn_peer:
         out.append(SklearnMLPContestant(workload, blas_threads=1))
         if two_threads:
             out.append(SklearnMLPContestant(workload, blas_threads=2))

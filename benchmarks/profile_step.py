@@ -6,6 +6,7 @@ into its parts, each timed alone in a tight loop (median of 5 loops):
 * ``run``     -- ``session.run_with_iobinding`` of the training graph (forward,
   loss, gradients and update: the onnxruntime part);
 * ``gather``  -- ``np.take`` of a shuffled batch into the bound buffers;
+* ``masks``   -- drawing the Dropout masks of a step (W4; 0 without Dropout);
 * ``prepare`` -- what ``partial_fit`` does before the epoch on every call:
   validating X, y (scikit-learn's checks) and encoding the labels;
 * ``permute`` -- the epoch's permutation;
@@ -43,6 +44,7 @@ def _loop_us(fn, reps, loops=5):
 
 
 def breakdown(key, n_samples=100_000):
+    """Time the parts of one ``partial_fit`` epoch of workload ``key``."""
     from .contestants import OnnxfitContestant
     from .workloads import make_workload
 
@@ -55,7 +57,8 @@ def breakdown(key, n_samples=100_000):
     X, n, b = wl.X, wl.n_samples, wl.batch_size
     steps = -(-n // b)
     buffers = engine._batch_buffers(b)
-    inputs = {"X": np.ascontiguousarray(X, dtype=buffers.inputs["X"].dtype)}
+    name = engine.problem.input_names[0]  # "X" (W1-W3) or the export's "input" (W4, W5)
+    inputs = {name: np.ascontiguousarray(X, dtype=buffers.inputs[name].dtype)}
     binding = buffers.bound.bindings[0]
     if wl.task == "classification":
         labels = buffers.label.copy()
@@ -71,9 +74,12 @@ def breakdown(key, n_samples=100_000):
         k[0] += 1
         buffers.gather(inputs, labels, weights, order[s:s + b])
 
+    rng = np.random.RandomState(0)
     parts = {
         "run": _loop_us(lambda: engine._run(binding), 1000) * steps,
         "gather": _loop_us(gather, 1000) * steps,
+        "masks": (_loop_us(lambda: buffers.draw_masks(rng), 1000) * steps
+                  if engine.problem.masks else 0.0),
         "prepare": _loop_us(lambda: est._prepare_training(
             X, wl.y, None, reset=False, keep_weights=False, first_call=False,
             classes=getattr(wl, "classes", None)), 20),
@@ -99,24 +105,24 @@ def ort_profile(info, runs=2000):
     opts.profile_file_prefix = os.path.join(tmp, "prof")
     sess = onnxruntime.InferenceSession(info["training_model"].SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
-    buffers = engine._batch_buffers(wl.batch_size, wl.X.shape[1])
-    values = {}
-    if hasattr(engine, "_sets"):  # weights as views, and the flat vectors
+    buffers = engine._batch_buffers(wl.batch_size)
+    values = dict(buffers.inputs)
+    values.update(buffers.masks or {})
+    if hasattr(engine, "_sets"):  # weights as views, the flat vectors, running statistics
         values.update(engine._sets[0].views)
         values.update(engine._sets[0].flat)
+        values.update(getattr(engine._sets[0], "statistics", {}) or {})
     feeds = {}
     for value in sess.get_inputs():
         name = value.name
-        if name == engine.problem.input_name:
-            feeds[name] = buffers.X
+        if name in values:
+            feeds[name] = values[name]
         elif name.endswith("label"):
             feeds[name] = buffers.label
         elif name.endswith("sample_weight"):
             feeds[name] = buffers.sample_weight
         elif name.endswith("learning_rate"):
             feeds[name] = np.array(1e-3, dtype=engine.problem.dtype)
-        elif name in values:
-            feeds[name] = values[name]
         else:
             raise KeyError(f"no value for input {name!r}")
     outputs = [o.name for o in sess.get_outputs()]

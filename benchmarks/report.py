@@ -14,6 +14,8 @@ TARGETS = [
      0.3),
     ("W2 fused / GEMM ceiling", ("W2", "onnxfit-fused-1t"), ("W2", "ceiling"), 1.5),
     ("W3 fused / PyTorch", ("W3", "onnxfit-fused-1t"), ("W3", "torch-1t"), 0.3),
+    ("W4 fused / PyTorch", ("W4", "onnxfit-fused-1t"), ("W4", "torch-1t"), 0.7),
+    ("W5 fused / PyTorch", ("W5", "onnxfit-fused-1t"), ("W5", "torch-1t"), 1.0),
     ("W2 forward_backward / fused", ("W2", "onnxfit-forward_backward-1t"),
      ("W2", "onnxfit-fused-1t"), 1.3),
 ]
@@ -120,7 +122,8 @@ def format_epochs(w):
     recs = w["records"]
     peers = [r for r in recs if r["is_peer"] and r["s_per_epoch"] is not None]
     head = (f"{w['workload']}: {w['title']} -- N={w['n_samples']}, batch {w['batch_size']}, "
-            f"{w['n_params']} params, median of {w['reps']} interleaved reps "
+            f"{w['n_params'] if w['n_params'] is not None else '?'} params, median of {w['reps']} "
+            f"interleaved reps "
             f"(+{w['warmup']} warm-up)")
     short = {"sklearn-SGDRegressor": "SGDReg", "torch-1t": "torch1", "torch-2t": "torch2",
              "sklearn-MLPRegressor-1t": "MLPReg1", "sklearn-MLPRegressor-2t": "MLPReg2",
@@ -146,7 +149,8 @@ def format_epochs(w):
         lines.append(line)
     if w.get("ceiling_s"):
         lines.append(
-            f"  {'ceiling: 6*N*params at GEMM speed':34s} {_sec(w['ceiling_s'])}   "
+            f"  {'ceiling: 6*N*' + w.get('flop_basis', 'params') + ' at GEMM speed':34s} "
+            f"{_sec(w['ceiling_s'])}   "
             f"(fastest of {len(w.get('gemm_times', [])) or '?'} numpy float32 "
             f"{w['gemm_size']}^2 matmuls, {w['gemm_threads']} BLAS threads: "
             f"{w['gemm_gflops']:.0f} GFLOP/s; 1 thread: {w['gemm_gflops_1t']:.0f} GFLOP/s "
@@ -356,7 +360,8 @@ def _plot(results, out_dir):
     if not epochs and not sweep:
         return
     n_rows = (1 if epochs else 0) + (1 if sweep else 0)
-    fig, grid = plt.subplots(n_rows, 3, figsize=(15, 4.2 * n_rows), squeeze=False)
+    n_cols = max(3, len(epochs))
+    fig, grid = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 4.2 * n_rows), squeeze=False)
     colours = {"onnxfit": "tab:blue", "scikit-learn": "tab:orange", "pytorch": "tab:red",
                "numpy": "tab:gray"}
     if epochs:
@@ -397,6 +402,8 @@ def _plot(results, out_dir):
         row[2].set_xlabel("rows (W1, batch 256)")
         row[2].set_ylabel("seconds per epoch")
         row[2].set_title("fused engine: epoch time vs N", fontsize=9)
+        for ax in row[3:]:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=110)
     plt.close(fig)

@@ -2,7 +2,7 @@
 
 Parts (all by default, or those named by ``--only``):
 
-* ``epochs``  -- W1, W2, W3: seconds per epoch of onnxfit (every engine in
+* ``epochs``  -- W1 ... W5: seconds per epoch of onnxfit (every engine in
   ``onnxfit.engines.ENGINES``) and of each peer, interleaved in one process,
   with the float32 GEMM ceiling measured in the same rounds, every row on
   one thread;
@@ -13,15 +13,16 @@ Parts (all by default, or those named by ``--only``):
 * ``defaults`` -- each library at its own out-of-the-box thread settings
   (onnxfit's default ``n_threads``, PyTorch's default threads, the BLAS
   default of scikit-learn's MLPs), with onnxfit on 1 and 2 threads beside;
-* ``memory``  -- peak memory of a one-epoch fit, each in a fresh subprocess;
+* ``memory``  -- peak memory of a one-epoch fit, each in a fresh subprocess
+  (the MLPs W1-W3; ``backends`` too);
 * ``quality`` -- time to quality on W1;
 * ``sweep``   -- the fused engine as N and the batch size grow
   (``--sweep`` runs only this part).
 
-``--quick`` runs every part on small data with one repetition in well under
-a minute, and works without torch, psutil or matplotlib (PyTorch rows are
-skipped with a note).  Results go to ``--out`` (default
-``benchmarks/results/``): ``results.json``, ``epochs.csv``,
+``--quick`` runs every part on small data with one repetition in about a
+minute, and works without torch, psutil or matplotlib (PyTorch rows, and
+every W4/W5 row, whose graphs are PyTorch exports, are skipped with a
+note).  Results go to ``--out`` (default ``benchmarks/results/``): ``results.json``, ``epochs.csv``,
 ``targets.csv``, ``memory.csv``, ``quality.csv``, ``sweep.csv`` and, with
 matplotlib, ``benchmarks.png``.
 """
@@ -97,6 +98,7 @@ def run_epochs(keys, n_samples, reps, warmup, two_threads, log):
             gemm_size=GEMM_SIZE, gemm_threads=GemmProbe.default_threads(),
             gemm_s=gemm, gemm_gflops=gflops, gemm_gflops_1t=gflops_1t,
             gemm_times=res["probes"]["gemm-default"], gemm_1t_times=res["probes"]["gemm-1t"],
+            flop_basis="params" if hasattr(wl, "weights") else "MACs",
             ceiling_s=wl.epoch_flop() / (gflops * 1e9),
             ceiling_1t_s=wl.epoch_flop() / (gflops_1t * 1e9),
             seconds=time.perf_counter() - start,
@@ -136,7 +138,9 @@ def run_backends(keys, n_samples, reps, warmup, log, other_python=None):
     from onnxfit.sessions import has_training_build
 
     from .contestants import backend_lineup
+    from .workloads import MLP_WORKLOADS
 
+    keys = [k for k in keys if k in MLP_WORKLOADS]  # W4, W5 are PyTorch exports: not there
     if has_training_build():
         return dict(
             runtime=f"onnxruntime-training-cpu {onnxruntime.__version__}",
@@ -185,6 +189,8 @@ def run_memory(keys, n_samples, quick, log):
 
 
 def main(argv=None):
+    from .workloads import MLP_WORKLOADS, WORKLOADS
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -194,9 +200,12 @@ def main(argv=None):
     parser.add_argument("--only", default=None,
                         help=f"comma-separated parts among {','.join(PARTS)}")
     parser.add_argument("--sweep", action="store_true", help="run only the scaling sweep")
-    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated among %(default)s (memory and backends: the "
+                             "MLPs W1-W3 only)")
     parser.add_argument("--n-samples", type=int, default=None,
-                        help="rows per workload (default 100000; --quick 4000)")
+                        help="rows per workload (default 100000; --quick 4000; W4, W5: "
+                             "the 1797 digits at most)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed repetitions (default 7; --quick 1)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -220,6 +229,9 @@ def main(argv=None):
     else:
         parts = list(PARTS)
     keys = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    if set(keys) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(set(keys) - set(WORKLOADS))}; choose among "
+                     f"{WORKLOADS}")
     n = args.n_samples or (4_000 if args.quick else 100_000)
     reps = args.reps or (1 if args.quick else 7)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -258,7 +270,8 @@ def main(argv=None):
         part("defaults", lambda: run_lineups(keys, n, reps, args.warmup, defaults_lineup, log,
                                              "defaults"))
     if "memory" in parts:
-        mem_keys = [k for k in keys if k != "W3"] if args.quick else keys
+        # W4/W5: 0.5 MB of data, so the ratio would only measure the libraries' one-time cost.
+        mem_keys = [k for k in keys if k in MLP_WORKLOADS and not (args.quick and k == "W3")]
         part("memory", lambda: run_memory(mem_keys, n, args.quick, log))
     if "quality" in parts:
         from . import quality
@@ -291,7 +304,8 @@ def main(argv=None):
         f"onnxfit engines: {', '.join(results['engines'])}",
         "Same footing: every row runs on 1 thread (onnxfit n_threads=1, "
         "torch.set_num_threads(1), BLAS limited to 1 thread for scikit-learn's MLPs); "
-        "SGDRegressor gets float64 X prepared outside the timer.",
+        "SGDRegressor gets float64 X prepared outside the timer. W4/W5: batch 32, the same "
+        "PyTorch module on both sides (onnxfit trains its export), train mode.",
         "",
     ]
     for w in results.get("epochs", []):
