@@ -39,10 +39,11 @@ def test_json_has_every_part(quick_run):
     with open(out / "results.json") as f:
         results = json.load(f)
     assert results["mode"] == "quick"
-    assert [w["workload"] for w in results["epochs"]] == ["W1", "W2", "W3"]
+    assert [w["workload"] for w in results["epochs"]] == ["W1", "W2", "W3", "W4", "W5"]
     assert results["memory"] and results["quality"]["rows"] and results["sweep"]["n_sweep"]
     names = {t["target"] for t in results["targets"]}
     assert "W1 fused / SGDRegressor" in names and "W2 fused / GEMM ceiling" in names
+    assert "W4 fused / PyTorch" in names and "W5 fused / PyTorch" in names
     for w in results["epochs"]:
         assert w["gemm_gflops"] > 0 and w["ceiling_s"] > 0
 
@@ -66,12 +67,16 @@ def test_csv_rows(quick_run):
     for engine in ENGINES:
         for wl in ("W1", "W2", "W3"):
             assert (wl, f"onnxfit-{engine}-1t") in by
-    # PyTorch rows exist either way: timed, or skipped with a note.
+    # PyTorch rows exist either way: timed, or skipped with a note; so do the
+    # onnxfit rows of W4 (Conv net) and W5 (LSTM), whose graphs are PyTorch exports.
     torch_rows = [r for r in rows if r["id"] == "torch-1t"]
-    assert len(torch_rows) == 3
+    assert len(torch_rows) == 5
+    net_rows = [by[(wl, "onnxfit-fused-1t")] for wl in ("W4", "W5")]
     if importlib.util.find_spec("torch") is None:
-        assert all(r["status"] == "n/a" and "torch" in r["note"] for r in torch_rows)
+        assert all(r["status"] == "n/a" and "torch" in r["note"]
+                   for r in torch_rows + net_rows)
     else:
-        assert all(r["status"] == "ok" for r in torch_rows)
+        assert all(r["status"] == "ok" for r in torch_rows + net_rows)
+        assert all(float(r["score"]) > 0.5 for r in net_rows)  # they learn the digits
     for name in ("targets.csv", "memory.csv", "quality.csv", "sweep.csv"):
         assert (out / name).stat().st_size > 0, name
