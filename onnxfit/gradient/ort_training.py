@@ -25,7 +25,15 @@ Facts this module relies on (onnxruntime-training-cpu 1.19.2):
   with ``Cast(to=FLOAT)``, and float64 sessions must disable
   ``MatmulTransposeFusion`` (the CPU FusedMatMul kernel is float32 only);
 * the gradient of AveragePool (AveragePoolGrad) kills the process with
-  SIGFPE: graphs with AveragePool on the gradient path are refused.
+  SIGFPE: graphs with AveragePool on the gradient path are refused;
+* BatchNormalization, ReduceSumSquare and NegativeLogLikelihoodLoss have no
+  registered gradient, the gradients of SoftmaxCrossEntropyLoss and Dropout
+  fail unless their second output is named, and DropoutGrad scales by
+  ``1 / (1 - ratio)`` even for an inference-mode Dropout: the graph is
+  rewritten first (:func:`prepare_for_builder`), BatchNormalization with
+  the statistics the node itself uses (its running ones in inference mode);
+* LSTM, GRU and RNN have no gradient: refused by name (the own backend
+  unrolls them).
 """
 
 import re
@@ -140,6 +148,7 @@ def vjp(model, seeds, wrt, gradient_names):
     del graph.output[:]
     graph.output.extend(outputs)
     graph.output.append(helper.make_tensor_value_info(SURROGATE, onnx_elem_type(dtype), []))
+    prepare_for_builder(surrogate, inferred)
     result = build_gradient_model(surrogate, SURROGATE, wrt)
     crashing = sorted({n.op_type for n in result.graph.node if n.op_type[:-4] in _CRASHING_OPS
                        and n.op_type.endswith("Grad")})
@@ -156,14 +165,351 @@ def vjp(model, seeds, wrt, gradient_names):
         rename_value(graph, gradient_name(weight), gradient_names[weight])
     kept = [o for o in graph.output if o.name in {x.name for x in outputs}]
     kept += [o for o in graph.output if o.name in set(gradient_names.values())]
+    # Seeded values that are not outputs (a penalty the fused engine adds
+    # to the loss afterwards) must survive the pruning, as with the own
+    # backend: kept as outputs while pruning, then dropped.
+    kept_names = {o.name for o in kept}
+    hidden = [helper.make_tensor_value_info(value, types.get(value, TensorProto.FLOAT), None)
+              for value in seeds if value not in kept_names]
+    del graph.output[:]
+    graph.output.extend(kept + hidden)
+    prune_graph(graph)
     del graph.output[:]
     graph.output.extend(kept)
-    prune_graph(graph)
     return result
 
 
+# -- Operators rewritten before the builder sees them -------------------------
+_PREPARED_OPS = {"SoftmaxCrossEntropyLoss", "Dropout", "NegativeLogLikelihoodLoss",
+                 "ReduceSumSquare"}
+
+
+def prepare_for_builder(model, inferred=None):
+    """Rewrite what 1.19.2's builder cannot differentiate (or differentiates
+    wrongly) into equivalent operators it handles, in place.
+
+    * ``BatchNormalization``: see :func:`decompose_batch_normalization`;
+    * ``ReduceSumSquare`` (onnxfit's L2 penalty among others) has no
+      registered gradient: ``ReduceSum(Mul(x, x))``;
+    * ``NegativeLogLikelihoodLoss`` has none either: see :func:`_nll_nodes`;
+    * ``Dropout`` in inference form (no ``training_mode``, or a constant
+      False) becomes ``Identity``: 1.19.2's DropoutGrad scales the gradient
+      by ``1 / (1 - ratio)`` even then;
+    * ``SoftmaxCrossEntropyLoss`` without its ``log_prob`` output, and a
+      training-mode ``Dropout`` without its ``mask`` output: their gradient
+      builders read that output and fail with an index error, so the output
+      is named.
+
+    Returns
+    -------
+    onnx.ModelProto
+        ``model``.
+    """
+    decompose_batch_normalization(model, inferred)
+    graph = model.graph
+    opset = _opset(model)
+    types = value_types(inferred if inferred is not None else model)
+    taken = existing_names(graph)
+    new_nodes, changed = [], False
+    for k, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _PREPARED_OPS:
+            new_nodes.append(node)
+            continue
+        prefix = f"onnxfit.ort_training.{node.op_type}{k}."
+        while any(value.startswith(prefix) for value in taken):
+            prefix = "_" + prefix
+        if node.op_type == "SoftmaxCrossEntropyLoss" and len(node.output) == 1:
+            node.output.append(prefix + "log_prob")
+            changed = True
+        if node.op_type == "Dropout" and not _dropout_training(graph, node):
+            # Inference form: the identity.  1.19.2's DropoutGrad scales by
+            # 1 / (1 - ratio) whatever the mode, so the node goes.
+            new_nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]],
+                                              name=node.name or prefix + "Identity"))
+            if len(node.output) > 1 and node.output[1]:  # the mask: all true
+                new_nodes.append(helper.make_node("Shape", [node.input[0]], [prefix + "shape"],
+                                                  name=prefix + "Shape"))
+                new_nodes.append(helper.make_node(
+                    "ConstantOfShape", [prefix + "shape"], [node.output[1]],
+                    name=prefix + "ConstantOfShape",
+                    value=onnx.numpy_helper.from_array(np.array([True]))))
+            changed = True
+            continue
+        if node.op_type == "Dropout" and len(node.output) == 1:
+            node.output.append(prefix + "mask")
+            changed = True
+        if node.op_type == "NegativeLogLikelihoodLoss" and opset >= 13:
+            new_nodes.extend(_nll_nodes(graph, node, prefix, types))
+            changed = True
+            continue
+        if node.op_type != "ReduceSumSquare":
+            new_nodes.append(node)
+            continue
+        square = prefix + "square"
+        new_nodes.append(helper.make_node("Mul", [node.input[0], node.input[0]], [square],
+                                          name=prefix + "Mul"))
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        inputs = [square] + list(node.input[1:])
+        if "axes" in attrs and opset >= 13:  # ReduceSum reads its axes from an input since 13
+            axes_name = prefix + "axes"
+            graph.initializer.append(onnx.numpy_helper.from_array(
+                np.array(attrs.pop("axes"), dtype=np.int64), axes_name))
+            inputs = [square, axes_name]
+        new_nodes.append(helper.make_node("ReduceSum", inputs, list(node.output),
+                                          name=node.name or prefix + "ReduceSum", **attrs))
+        changed = True
+    if changed:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return model
+
+
+def _nll_nodes(graph, node, prefix, types):
+    """``NegativeLogLikelihoodLoss`` (no gradient in 1.19.2) in standard ops:
+    ``-input[n, target[n, ...], ...] * weight[target]``, 0 where the target
+    is ``ignore_index``, then the reduction (``mean`` divides by the summed
+    weights of the counted targets, as ONNX defines it).  Initializers
+    it needs are added to ``graph``; returns the nodes."""
+    log_prob, target = node.input[0], node.input[1]
+    weight = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    reduction = attrs.get("reduction", b"mean")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    elem = types.get(log_prob, TensorProto.FLOAT)
+    nodes = []
+
+    def add(op, inputs, suffix, **kwargs):
+        out = prefix + suffix
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **kwargs))
+        return out
+
+    axis1 = prefix + "axis1"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), axis1))
+    keep = None
+    if "ignore_index" in attrs:
+        ignore = prefix + "ignore_index"
+        graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array(attrs["ignore_index"], np.int64), ignore))
+        zero = prefix + "zero_index"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), zero))
+        ignore = add("CastLike", [ignore, target], "ignore_like")
+        zero = add("CastLike", [zero, target], "zero_like")
+        ignored = add("Equal", [target, ignore], "ignored")
+        keep = add("Not", [ignored], "keep")
+        target = add("Where", [keep, target, zero], "safe_target")
+    index = add("Unsqueeze", [target, axis1], "index")
+    picked = add("GatherElements", [log_prob, index], "picked", axis=1)
+    picked = add("Squeeze", [picked, axis1], "picked_squeezed")
+    loss = add("Neg", [picked], "negated")
+    factor = None
+    if weight is not None:
+        factor = add("Gather", [weight, target], "sample_weight", axis=0)
+    if keep is not None:
+        kept = add("Cast", [keep], "keep_float", to=elem)
+        factor = kept if factor is None else add("Mul", [factor, kept], "kept_weight")
+    if factor is not None:
+        loss = add("Mul", [loss, factor], "weighted")
+    out = node.output[0]
+    if reduction == "none":
+        nodes.append(helper.make_node("Identity", [loss], [out], name=prefix + "none"))
+    elif reduction == "sum":
+        nodes.append(helper.make_node("ReduceSum", [loss], [out], name=prefix + "sum",
+                                      keepdims=0))
+    elif factor is None:
+        nodes.append(helper.make_node("ReduceMean", [loss], [out], name=prefix + "mean",
+                                      keepdims=0))
+    else:
+        total = add("ReduceSum", [loss], "total", keepdims=0)
+        count = add("ReduceSum", [factor], "count", keepdims=0)
+        nodes.append(helper.make_node("Div", [total, count], [out], name=prefix + "mean"))
+    return nodes
+
+
+def _constant(graph, name):
+    """Value of ``name`` when an initializer or a Constant node holds it."""
+    for init in graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            return None if attr is None else onnx.numpy_helper.to_array(attr.t)
+    return None
+
+
+def _dropout_training(graph, node):
+    """False for a Dropout in inference form (no ``training_mode`` or a
+    constant False); True when it drops or may drop values."""
+    if len(node.input) < 3 or not node.input[2]:
+        return False
+    value = _constant(graph, node.input[2])
+    return value is None or bool(np.asarray(value).reshape(-1)[0])
+
+
+# -- BatchNormalization --------------------------------------------------------
+# 1.19.2's GradientGraphBuilder has no gradient for BatchNormalization (its
+# training pipeline first replaces the node by BatchNormInternal, which
+# normalises with the *batch* statistics whatever ``training_mode`` says).
+# onnxfit writes the node out in standard operators that the builder
+# differentiates, with the statistics the node itself uses: the running mean
+# and variance in inference mode, the batch's in training mode.
+
+
+def _opset(model):
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _attr(node, name, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _node_label(node):
+    return repr(node.name or node.output[0])
+
+
+def decompose_batch_normalization(model, inferred=None):
+    """Rewrite every ``BatchNormalization`` node of ``model`` into standard ops.
+
+    Inference mode (``training_mode=0``, what PyTorch exports by default):
+    ``Y = (X - mean) * (scale / sqrt(var + epsilon)) + bias`` with the
+    running ``mean`` and ``var`` inputs, per channel.  Training mode:
+    the same with the batch's mean and biased variance over every axis but
+    the channel's (the ONNX definition); such a node's running-statistic
+    outputs must not be read by anything (onnxfit's ``train_mode=True``
+    rewrites BatchNormalization itself and never leaves such nodes).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Modified in place.
+    inferred : onnx.ModelProto, optional
+        ``model`` after shape inference (the rank of each node's input).
+
+    Returns
+    -------
+    onnx.ModelProto
+
+    Raises
+    ------
+    GradientError
+        For a node whose input rank shape inference cannot tell, or a
+        training-mode node whose running statistics are read.
+    """
+    from .own import GradientError
+
+    graph = model.graph
+    if not any(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+               for n in graph.node):
+        return model
+    if inferred is None:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            ranks[value.name] = len(value.type.tensor_type.shape.dim)
+    for init in graph.initializer:
+        ranks[init.name] = len(init.dims)
+    types = value_types(inferred)
+    opset = _opset(model)
+    readers = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    taken = existing_names(graph)
+    new_nodes = []
+    for k, node in enumerate(graph.node):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            new_nodes.append(node)
+            continue
+        x, scale, bias, mean, var = node.input[:5]
+        y = node.output[0]
+        training = bool(_attr(node, "training_mode", 0))
+        label = _node_label(node)
+        rank = ranks.get(x)
+        if rank is None or rank < 2:
+            raise GradientError(
+                f"onnxruntime-training 1.19.2 has no gradient for BatchNormalization, and "
+                f"onnxfit cannot write node {label} out in standard operators: the rank of "
+                f"its input {x!r} is unknown. Use gradient_backend='onnxfit'."
+            )
+        used_statistics = [o for o in node.output[1:] if o and o in readers]
+        if training and used_statistics:
+            raise GradientError(
+                f"onnxruntime-training 1.19.2 cannot differentiate BatchNormalization node "
+                f"{label} in training mode whose running statistics {used_statistics} are "
+                "read by the graph. Use gradient_backend='onnxfit', or train_mode=True "
+                "(onnxfit then keeps the running statistics itself)."
+            )
+        elem = types.get(x, TensorProto.FLOAT)
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        prefix = f"onnxfit.ort_training.bn{k}."
+        while any(value.startswith(prefix) for value in taken):
+            prefix = "_" + prefix
+
+        def name(suffix, prefix=prefix):
+            return prefix + suffix
+
+        nodes, inits = [], []
+        eps = np.array(_attr(node, "epsilon", 1e-5), dtype=dtype)
+        inits.append(onnx.numpy_helper.from_array(eps, name("epsilon")))
+        inits.append(onnx.numpy_helper.from_array(
+            np.array([-1] + [1] * (rank - 2), dtype=np.int64), name("column_shape")))
+        axes = [0] + list(range(2, rank))
+
+        def column(value, what):
+            # A per-channel vector shaped (C, 1, ..., 1) against (N, C, ...).
+            if rank == 2:
+                return value
+            nodes.append(helper.make_node("Reshape", [value, name("column_shape")],
+                                          [name(what + "_column")]))
+            return name(what + "_column")
+
+        def reduce_mean(value, out):
+            if opset >= 18:
+                if not any(i.name == name("axes") for i in inits):
+                    inits.append(onnx.numpy_helper.from_array(
+                        np.array(axes, dtype=np.int64), name("axes")))
+                nodes.append(helper.make_node("ReduceMean", [value, name("axes")], [out],
+                                              keepdims=1))
+            else:
+                nodes.append(helper.make_node("ReduceMean", [value], [out], axes=axes,
+                                              keepdims=1))
+            return out
+
+        if training:
+            # Batch statistics, keepdims: already (1, C, 1, ...).
+            mean_col = reduce_mean(x, name("batch_mean"))
+            nodes.append(helper.make_node("Sub", [x, mean_col], [name("centred")]))
+            nodes.append(helper.make_node("Mul", [name("centred"), name("centred")],
+                                          [name("squared")]))
+            var_col = reduce_mean(name("squared"), name("batch_var"))
+            nodes.append(helper.make_node("Add", [var_col, name("epsilon")],
+                                          [name("var_eps")]))
+            nodes.append(helper.make_node("Sqrt", [name("var_eps")], [name("std")]))
+            nodes.append(helper.make_node("Div", [name("centred"), name("std")],
+                                          [name("normalised")]))
+            nodes.append(helper.make_node("Mul", [name("normalised"), column(scale, "scale")],
+                                          [name("scaled")]))
+        else:
+            nodes.append(helper.make_node("Add", [var, name("epsilon")], [name("var_eps")]))
+            nodes.append(helper.make_node("Sqrt", [name("var_eps")], [name("std")]))
+            nodes.append(helper.make_node("Div", [scale, name("std")], [name("factor")]))
+            nodes.append(helper.make_node("Sub", [x, column(mean, "mean")], [name("centred")]))
+            nodes.append(helper.make_node("Mul", [name("centred"), column(name("factor"),
+                                                                          "factor")],
+                                          [name("scaled")]))
+        nodes.append(helper.make_node("Add", [name("scaled"), column(bias, "bias")], [y]))
+        for j, new in enumerate(nodes):
+            new.name = f"{prefix}{j}.{new.op_type}"
+        new_nodes.extend(nodes)
+        graph.initializer.extend(inits)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return model
+
+
 # onnxruntime says "The gradient builder has not been registered: Floor for node ..."
-_OP_IN_ERROR = re.compile(r"has not been registered:\s*(\w+)")
+_OP_IN_ERROR = re.compile(r"has not been registered:\s*(\w+)(?:\s+for node\s+(\S+))?")
 
 
 def build_gradient_model(model, loss_name, wrt_names, rewrite=True):
@@ -292,17 +638,21 @@ def _loss_as_float32(model, loss_name):
 def _explain_gradient_failure(model, exc):
     message = str(exc)
     known = {n.op_type for n in model.graph.node}
-    culprit = [op for op in _OP_IN_ERROR.findall(message) if op in known]
-    if culprit:
+    found = [(op, node) for op, node in _OP_IN_ERROR.findall(message) if op in known]
+    if found:
+        op, node = found[0]
+        where = f" (node {node!r})" if node else ""
         return (
-            f"onnxruntime-training cannot differentiate operator {culprit[0]!r}: "
-            "it has no registered gradient. Train a graph whose trained output "
-            f"does not depend on {culprit[0]!r} through the weights (choose "
-            "another output_name or convert the model differently)."
+            f"onnxruntime-training 1.19.2 cannot differentiate operator {op!r}{where}: it "
+            "has no registered gradient. Use gradient_backend='onnxfit' (onnxfit's own "
+            f"gradients, see onnxfit.gradient.differentiable_ops()), or train a graph whose "
+            f"trained output does not depend on {op!r} through the weights (choose another "
+            "output_name or weights_to_train, or convert the model differently)."
         )
     return (
-        "onnxruntime-training could not build the gradient graph; operators "
-        f"in the graph: {sorted(known)}. Cause: {message.strip()[-400:]}"
+        "onnxruntime-training 1.19.2 could not build the gradient graph; operators "
+        f"in the graph: {sorted(known)}. Try gradient_backend='onnxfit'. "
+        f"Cause: {message.strip()[-400:]}"
     )
 
 
