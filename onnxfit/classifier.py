@@ -64,7 +64,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         ``fit`` time, in float64 if X is float64, else float32.
     weights_to_train : list of str, default=None
         Initializers to train; None trains every floating-point initializer
-        the trained output depends on.
+        the trained output depends on, except scalars (constants exporters
+        write: an attention scale, the zero an initial state is expanded
+        from) and BatchNormalization's running statistics.
     output_name : str, default=None
         Value holding the class scores or probabilities (see above).
     loss_output : str, default=None

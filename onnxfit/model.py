@@ -184,7 +184,8 @@ class OnnxModel:
         Normalised graph (see :func:`normalise_model`); kept as is.
     weights_to_train : list of str or None
         Initializers to train; None means every floating-point initializer
-        the trained output depends on.
+        the trained output depends on, but scalars (constants) and
+        BatchNormalization's running statistics.
     output_name : str or None
         The prediction; None picks the only output, or the first
         floating-point tensor output (the first that is not ``loss_output``).
@@ -342,6 +343,12 @@ class OnnxModel:
                 # The loss's own constants are not parameters of the model.
                 prediction = inputs_feeding(self.model.graph, self.output_name)
                 float_inits = [n for n in float_inits if n in prediction]
+            # Scalars are constants written by exporters and converters (an
+            # attention scale, the zero an initial state is expanded from, a
+            # 0.5 in a formula), not parameters: weights_to_train names one
+            # to train it.
+            scalars = {i.name for i in self._forward.graph.initializer if not i.dims}
+            float_inits = [n for n in float_inits if n not in scalars]
             if not float_inits:
                 ops = sorted({n.op_type for n in self._forward.graph.node})
                 raise ValueError(

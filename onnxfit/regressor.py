@@ -26,7 +26,10 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         float64 if X is float64, else float32.
     weights_to_train : list of str, default=None
         Initializers to train; None trains every floating-point initializer
-        the trained output depends on.  Others stay frozen.
+        the trained output depends on, except scalars (constants exporters
+        write: an attention scale, the zero an initial state is expanded
+        from) and BatchNormalization's running statistics.  Others stay
+        frozen.
     output_name : str, default=None
         Output to train when the graph has several; None takes the only
         output or the first float one.

@@ -230,6 +230,23 @@ def test_op_without_gradient_is_named():
     OnnxSGDRegressor(model, weights_to_train=["B"], **COMMON).fit(X, y)
 
 
+def test_scalar_initializers_are_constants_unless_named():
+    """Exporters write constants as scalar initializers (an attention scale,
+    the zero of an initial state): not trained by default, trainable by name."""
+    X, y = _data()
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["XW"]),
+         helper.make_node("Mul", ["XW", "scale"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.ones((3, 1), np.float32), "W"),
+         numpy_helper.from_array(np.array(0.5, np.float32), "scale")],
+    )
+    assert OnnxSGDRegressor(model, **COMMON).fit(X, y).weights_to_train_ == ["W"]
+    named = OnnxSGDRegressor(model, weights_to_train=["W", "scale"], **COMMON).fit(X, y)
+    assert named.weights_to_train_ == ["W", "scale"] and named.weights_["scale"] != 0.5
+
+
 def test_a_graph_input_the_output_does_not_read_is_explained():
     X, y = _data()
     model = _model(
