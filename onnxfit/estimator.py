@@ -772,13 +772,8 @@ class BaseOnnxSGD(BaseEstimator):
             The trained output, or the outputs named in ``output_names``.
         """
         check_is_fitted(self, "weights_")
-        if self.onnx_model is None and len(self.input_shapes_) == 1 and "X" in self.input_shapes_ \
-                and not isinstance(X, dict):
-            X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-            feeds = {"X": np.ascontiguousarray(X, dtype=self.input_dtype_)}
-        else:
-            feeds, _ = to_graph_inputs(self, X, None, self._input_specs(), self.input_columns,
-                                       reset=False)
+        feeds, _ = to_graph_inputs(self, X, None, self._input_specs(), self.input_columns,
+                                   reset=False)
         runtime = self._runtime
         if runtime.export_session is None:
             runtime.export_session = make_session(
