@@ -399,7 +399,7 @@ class BaseOnnxSGD(BaseEstimator):
                 inputs, y, labels, sample_weight)
         n = n_samples(inputs)
         batch_size = self._batch_size(n)
-        n_batches = -(-n // batch_size)
+        n_batches = engine.n_steps(n, batch_size)
         progress = None
         if self.verbose:
             from tqdm.auto import tqdm

@@ -72,9 +72,18 @@ class DropoutMask:
     def shape_for(self, batch_size):
         return tuple(batch_size if d is None else d for d in self.shape)
 
-    def draw(self, rng, out):
-        """Fill ``out`` with 0 (probability ``ratio``) or ``1 / (1 - ratio)``."""
-        keep = rng.random(out.shape) >= self.ratio
+    def draw(self, rng, out, uniform=None, keep=None):
+        """Fill ``out`` with 0 (probability ``ratio``) or ``1 / (1 - ratio)``.
+
+        ``uniform`` and ``keep`` (float and bool arrays of ``out``'s shape)
+        let a ``numpy.random.Generator`` draw without allocating: the
+        training engines draw a mask at every step.
+        """
+        if uniform is not None and isinstance(rng, np.random.Generator):
+            rng.random(out=uniform, dtype=uniform.dtype)
+            keep = np.greater_equal(uniform, self.ratio, out=keep)
+        else:
+            keep = rng.random(out.shape) >= self.ratio
         np.multiply(keep, 1.0 / (1.0 - self.ratio), out=out, casting="unsafe")
 
 

@@ -43,7 +43,7 @@ def _one_step(model, step, engine, monkeypatch, mask=None):
     mask replaced by ``mask`` (default: torch's)."""
     mask = step["mask"] if mask is None else mask
 
-    def draw(self, rng, out):
+    def draw(self, rng, out, *scratch):
         out[...] = mask / (1.0 - self.ratio)
 
     monkeypatch.setattr(DropoutMask, "draw", draw)
@@ -264,3 +264,21 @@ def test_function_train_mode_draws_masks_and_updates_statistics():
     expected = ((X - [0.5, -0.5, 0.0]) / np.sqrt(np.array([2.0, 1.0, 0.5]) + 1e-5)
                 * [1.0, 2.0, 0.5] + [0.0, 1.0, -1.0])
     assert_allclose(g.forward(X, w), expected, rtol=1e-5)
+
+
+def test_a_small_remainder_joins_the_last_batch_under_batch_statistics():
+    """With BatchNormalization on batch statistics, a remainder under half a
+    batch joins the last full one (a batch of 3 gave a gradient ten times
+    the usual); every sample is still used, and other graphs keep their
+    partial batch."""
+    X, y = _digit_images()
+    common = dict(max_iter=1, tol=None, batch_size=32, random_state=0)
+    steps = {}
+    for n in (35, 48, 64):
+        clf = onnxfit.OnnxSGDClassifier(TRAIN_EXPORT, **common)
+        clf.partial_fit(X[:n], y[:n], classes=np.arange(10))
+        steps[n] = clf.t_
+    assert steps == {35: 1, 48: 2, 64: 2}
+    no_statistics = onnxfit.OnnxSGDClassifier(EVAL_EXPORT, **common)
+    no_statistics.partial_fit(X[:35], y[:35], classes=np.arange(10))
+    assert no_statistics.t_ == 2

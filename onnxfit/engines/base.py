@@ -115,10 +115,11 @@ class BaseEngine:
         order : ndarray of int
             Sample indices in the order of this epoch.
         batch_size : int
-        rates : ndarray of shape (n_batches,)
-            Learning rate of each update.
+        rates : ndarray of shape (n_steps,)
+            Learning rate of each update (see :meth:`n_steps`).
         rng : numpy.random.RandomState or Generator, optional
-            Draws the Dropout masks (needed when the problem has masks).
+            Draws the Dropout masks (needed when the problem has masks; a
+            RandomState seeds one Generator per epoch).
 
         Returns
         -------
@@ -126,15 +127,23 @@ class BaseEngine:
             Mean loss (penalty included) over the samples of the epoch.
         """
         n = len(order)
-        n_full = n // batch_size
+        n_full, remainder = divmod(n, batch_size)
         # Full batches, then the last, partial one: one set of buffers each,
         # looked up once, so that a step is a gather, a rate and a run.
-        spans = [(batch_size, 0, n_full), (n - n_full * batch_size, n_full, n_full + 1)]
+        if self._joins_last_batch(n, batch_size):
+            spans = [(batch_size, 0, n_full - 1), (batch_size + remainder, n_full - 1, n_full)]
+        else:
+            spans = [(batch_size, 0, n_full), (remainder, n_full, n_full + 1)]
         rates = np.asarray(rates).tolist()
         rate, loss, step_fn = self._rate, self._step_loss, self._step
         masked = bool(self.problem.masks)
-        if masked and rng is None:
-            raise ValueError("The problem has Dropout masks: run_epoch needs an rng.")
+        if masked:
+            if rng is None:
+                raise ValueError("The problem has Dropout masks: run_epoch needs an rng.")
+            # One Generator an epoch, seeded from rng: reproducible, and it
+            # fills the masks' scratch buffers without allocating.
+            if not isinstance(rng, np.random.Generator):
+                rng = np.random.default_rng(rng.randint(0, 2**63 - 1, dtype=np.int64))
         total = 0.0
         for size, first, last in spans:
             if size == 0 or first == last:
@@ -156,6 +165,24 @@ class BaseEngine:
                 span_total += float(loss)
             total += span_total * size
         return total / n
+
+    def _joins_last_batch(self, n, batch_size):
+        """Whether the remainder of ``n`` samples joins the last full batch.
+
+        It does when the graph normalises with batch statistics and the
+        remainder is under half a batch: a handful of samples give
+        BatchNormalization statistics so noisy that one step can undo an
+        epoch (a remainder of 3 gave a gradient ten times the usual on a
+        Conv net of the digits).  Every sample is still used once an epoch.
+        """
+        remainder = n % batch_size
+        return bool(self.problem.statistics) and n >= batch_size and 0 < remainder < (
+            batch_size + 1) // 2
+
+    def n_steps(self, n, batch_size):
+        """Updates an epoch of ``n`` samples takes (see :meth:`run_epoch`)."""
+        steps = -(-n // batch_size)
+        return steps - 1 if self._joins_last_batch(n, batch_size) else steps
 
     def _step(self, buffers, parity):
         """One update on the gathered batch: read weight set ``parity``,

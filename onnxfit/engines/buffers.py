@@ -54,6 +54,14 @@ class BatchBuffers:
             for mask in problem.masks
         }
         self._mask_specs = list(problem.masks)
+        # Scratch memory of the draws (see DropoutMask.draw).
+        self._uniform = {
+            mask.name: np.empty(mask.shape_for(self.size),
+                                dtype=np.float32 if mask.dtype == np.float32 else np.float64)
+            for mask in problem.masks
+        }
+        self._keep = {mask.name: np.empty(mask.shape_for(self.size), dtype=bool)
+                      for mask in problem.masks}
         self.label = np.empty((self.size,) + tuple(problem.label_shape), dtype=problem.dtype)
         # The losses take the weights divided by the batch size and shaped to
         # broadcast against the prediction (see onnxfit.losses).
@@ -100,9 +108,11 @@ class BatchBuffers:
             self.uniform_weights = False
 
     def draw_masks(self, rng):
-        """Draw a new Dropout mask into each mask buffer."""
+        """Draw a new Dropout mask into each mask buffer (``rng``: a
+        ``numpy.random.Generator``, which draws without allocating)."""
         for mask in self._mask_specs:
-            mask.draw(rng, self.masks[mask.name])
+            name = mask.name
+            mask.draw(rng, self.masks[name], self._uniform[name], self._keep[name])
 
 
 class WeightSet:
