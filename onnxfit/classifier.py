@@ -414,6 +414,24 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             return (columns == 1).astype(self.dtype_)[:, None]
         return columns
 
+    def _label_sample_shape(self, spec, labels):
+        # A float label input with a symbolic width takes one-hot rows, one
+        # column per class (labels here are class positions, not widths).
+        if not spec.is_integer and spec.width is None:
+            if len(self.classes_) == 2:
+                raise ValueError(
+                    f"The graph's label input {spec.describe()} is a float tensor of "
+                    "symbolic width: with two classes it may take one column (0/1) or "
+                    "two (one-hot); declare its width in the graph."
+                )
+            if sum(d is None for d in spec.shape) != 1:
+                raise ValueError(
+                    f"The graph's label input {spec.describe()} has several symbolic "
+                    "dimensions; declare its per-sample shape."
+                )
+            return tuple(len(self.classes_) if d is None else d for d in spec.shape)
+        return super()._label_sample_shape(spec, labels)
+
     def _graph_labels(self, labels, spec):
         # Class indices for an integer label input (PyTorch's cross-entropy
         # targets), one-hot rows for a float one as wide as the scores.

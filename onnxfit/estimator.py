@@ -23,7 +23,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from .engines import ENGINES, TrainingProblem, make_engine
 from .gradient import BACKENDS, check_backend
-from .inputs import InputSpec, n_samples, take_rows, to_graph_inputs
+from .inputs import InputSpec, is_input_dict, n_samples, take_rows, to_graph_inputs
 from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
 from .losses import BaseLoss, GraphLoss
 from .model import OnnxModel, load_onnx, normalise_model
@@ -282,6 +282,15 @@ class BaseOnnxSGD(BaseEstimator):
         """
         if keep_weights and not first_call:
             self._check_same_model()
+        elif not reset and not first_call and (
+                self._current_model_spec(with_source=False)
+                != getattr(self, "_model_spec", (None,))[1:]):
+            # (The graph itself is not hashed again at every call.)
+            raise ValueError(
+                "partial_fit continues training the fitted graph, but weights_to_train, "
+                "output_name, loss_output or train_mode changed since it was fitted; "
+                "call fit to train the new configuration."
+            )
         check_backend(self.gradient_backend)
         check_device(self.device)
         start = reset or first_call
@@ -328,18 +337,27 @@ class BaseOnnxSGD(BaseEstimator):
             )
         if labels.dtype.kind not in "iu":
             labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
+        if self.running_statistics_ and min(n_samples(inputs), self._batch_size(
+                n_samples(inputs))) < 2:
+            raise ValueError(
+                "BatchNormalization normalises with batch statistics while training "
+                "(train_mode=True), which a batch of one sample does not have: use "
+                "batch_size=2 or more and give partial_fit 2 samples or more (PyTorch "
+                "refuses such batches too), or set train_mode=False."
+            )
         if self._label_input is not None:
             # The graph computes its loss: y feeds its label input, and the
             # loss piece only weights the graph's loss (its label is unused).
             spec = self._label_spec()
             inputs[spec.name] = self._graph_labels(labels, spec)
-            if not self._loss_shape and sample_weight is not None and np.ptp(sample_weight):
+            scalar_loss = self._loss_shape is None
+            if scalar_loss and sample_weight is not None and np.ptp(sample_weight):
                 raise ValueError(
                     f"The graph's loss {self._loss_output!r} is a scalar, so sample weights "
                     "(or class weights) cannot weight its samples; make the graph compute "
                     "one loss per sample (reduction='none' in PyTorch) to use them."
                 )
-            labels = np.zeros((len(labels),) + self._loss_shape, dtype=self.dtype_)
+            labels = np.zeros((len(labels),) + (self._loss_shape or ()), dtype=self.dtype_)
         return inputs, y, labels, sample_weight, uniform
 
     def _label_spec(self):
@@ -379,6 +397,12 @@ class BaseOnnxSGD(BaseEstimator):
         (None: the default linear model)."""
         check = dict(multi_output=True, y_numeric=self._y_numeric)
         if rebuild and onnx_model is None:
+            if is_input_dict(X) or self.input_columns is not None:
+                raise ValueError(
+                    "The default linear model has one input fed by every column of a 2-D "
+                    "X; a dict X and input_columns are for an onnx_model with several "
+                    "inputs."
+                )
             X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
                                  **check)
             return {"X": np.ascontiguousarray(X)}, y
@@ -469,7 +493,9 @@ class BaseOnnxSGD(BaseEstimator):
                 f"validation_fraction={self.validation_fraction} leaves an empty "
                 f"training or validation set for {n} samples."
             )
-        validation = (take_rows(inputs, val_idx), y[val_idx])
+        # Validation runs the prediction, which reads no label input.
+        predicted = {k: v for k, v in inputs.items() if k != self._label_input}
+        validation = (take_rows(predicted, val_idx), y[val_idx])
         if sample_weight is not None:
             sample_weight = sample_weight[train_idx]
         return (take_rows(inputs, train_idx), labels[train_idx], sample_weight), validation
@@ -481,9 +507,14 @@ class BaseOnnxSGD(BaseEstimator):
         updates on small data, as scikit-learn's SGD (whose accuracy per
         epoch they match), and batches of 64 from 64,000 samples on, where
         the cost of a step is amortised over enough samples to beat
-        per-sample updates in time to the same accuracy.
+        per-sample updates in time to the same accuracy.  A graph
+        normalising with batch statistics (BatchNormalization with
+        ``train_mode``) gets 32 to 64.
         """
         if self.batch_size == "auto":
+            if self.running_statistics_:
+                # Batch statistics need batches (PyTorch users' usual 32).
+                return int(min(n_samples, max(32, min(64, n_samples // 1000))))
             return int(min(64, max(1, n_samples // 1000)))
         return min(self.batch_size, n_samples)
 
@@ -566,9 +597,16 @@ class BaseOnnxSGD(BaseEstimator):
         self.loss_curve_ = []
         self.validation_scores_ = [] if self.early_stopping else None
 
-    def _current_model_spec(self):
-        """What defines the trained graph: the model (by content), the
-        weights to train and the output."""
+    def _current_model_spec(self, with_source=True):
+        """What defines the trained graph: the model (by content, unless
+        ``with_source=False``), the weights to train, the outputs and the
+        training behaviour."""
+        weights = self.weights_to_train
+        if weights is not None and not isinstance(weights, str):
+            weights = tuple(weights)
+        rest = (weights, self.output_name, self.loss_output, self.train_mode)
+        if not with_source:
+            return rest
         source = self.onnx_model
         if isinstance(source, onnx.ModelProto):
             source = hashlib.sha256(source.SerializeToString()).hexdigest()
@@ -576,10 +614,7 @@ class BaseOnnxSGD(BaseEstimator):
             source = hashlib.sha256(bytes(source)).hexdigest()
         elif source is not None:
             source = os.fspath(source)
-        weights = self.weights_to_train
-        if weights is not None and not isinstance(weights, str):
-            weights = tuple(weights)
-        return (source, weights, self.output_name, self.loss_output, self.train_mode)
+        return (source,) + rest
 
     def _check_same_model(self):
         """A warm start keeps weights: the graph they belong to must not change."""
@@ -606,8 +641,8 @@ class BaseOnnxSGD(BaseEstimator):
         return tuple(width // known if d is None else d for d in spec.shape)
 
     def _graph_loss_shape(self):
-        """Per-sample shape of the graph's own loss: () for a scalar loss,
-        else its shape without the batch dimension."""
+        """Per-sample shape of the graph's own loss: None for a scalar loss,
+        else its shape without the batch dimension (``()`` for ``(N,)``)."""
         graph = self._get_training_graph()
         shape = batch_shapes(graph.model, self.input_shapes_)[0].get(self._loss_output)
         if shape is None or False in shape or (shape and shape[0] is not None) or (
@@ -617,7 +652,7 @@ class BaseOnnxSGD(BaseEstimator):
                 f"graph ({'unknown' if shape is None else shape}); it must be a scalar or "
                 "have one value per sample (a first dimension that is the batch)."
             )
-        return tuple(shape[1:])
+        return tuple(shape[1:]) if shape else None
 
     def _probe_label_shape(self, inputs, labels):
         """Run the graph on one row to learn the trained output's shape."""
@@ -688,7 +723,8 @@ class BaseOnnxSGD(BaseEstimator):
 
     def _training_pieces(self):
         """The loss, penalty and update-rule objects the parameters name."""
-        loss = GraphLoss(per_sample=bool(self._loss_shape)) if self._label_input is not None \
+        loss = GraphLoss(per_sample=self._loss_shape is not None) \
+            if self._label_input is not None \
             else self._make_loss()
         return (loss, make_penalty(self.penalty, self.alpha, self.l1_ratio),
                 make_learning_rate(self.learning_rate))
@@ -705,7 +741,7 @@ class BaseOnnxSGD(BaseEstimator):
             weight_names=list(self.weights_to_train_),
             weight_shapes={w: a.shape for w, a in self.weights_.items()},
             dtype=self.dtype_,
-            label_shape=self._loss_shape if own_loss else self.label_shape_,
+            label_shape=(self._loss_shape or ()) if own_loss else self.label_shape_,
             masks=list(graph.masks),
             statistics=dict(graph.statistics),
             statistic_shapes={n: a.shape for n, a in self.running_statistics_.items()},

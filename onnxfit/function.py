@@ -443,6 +443,13 @@ class OnnxFunction:
             kept.append(keep)
         if masks is not None and not self.masks:
             raise ValueError("masks= is for a function with train_mode=True and Dropout nodes.")
+        if masks is not None:
+            unknown = sorted(set(masks) - {mask.name for mask in self.masks})
+            if unknown:
+                raise ValueError(
+                    f"masks names {unknown}, which are not Dropout masks of the graph; "
+                    f"its masks are {[mask.name for mask in self.masks]}."
+                )
         batch = next(iter(inputs.values())).shape()[0]
         for mask in self.masks:
             shape = mask.shape_for(batch)

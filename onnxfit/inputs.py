@@ -270,7 +270,13 @@ def to_graph_inputs(estimator, X, y, specs, input_columns, reset, **check):
     y : ndarray or None
     """
     dtype = check.pop("dtype", [np.float64, np.float32])
-    if isinstance(X, Mapping):
+    if is_input_dict(X):
+        if input_columns is not None:
+            raise ValueError(
+                "input_columns assigns the columns of a 2-D X or DataFrame to the graph's "
+                "inputs; X is a dict, which names its inputs already: leave "
+                "input_columns=None."
+            )
         return _dict_inputs(estimator, X, y, specs, reset, dtype, **check)
     nd_shape = None
     if not hasattr(X, "iloc") and not hasattr(X, "toarray"):
@@ -287,6 +293,10 @@ def to_graph_inputs(estimator, X, y, specs, input_columns, reset, **check):
                 raise ValueError(
                     f"X has shape {X.shape}, but the graph has {len(specs)} inputs; give "
                     "X as a 2-D array, a DataFrame or a dict of arrays {input name: array}."
+                )
+            if input_columns is not None:
+                raise ValueError(
+                    f"input_columns assigns the columns of a 2-D X; X has shape {X.shape}."
                 )
             nd_shape = X.shape[1:]
             spec = specs[0]
@@ -375,6 +385,12 @@ def _dict_inputs(estimator, X, y, specs, reset, dtype, **check):
     if y is not None:
         y = validate_data(estimator, y=y, reset=False, **check)
     return inputs, y
+
+
+def is_input_dict(X):
+    """Whether ``X`` gives the graph inputs by name (a mapping that is not a
+    sparse matrix: scipy's DOK format is a dict)."""
+    return isinstance(X, Mapping) and not hasattr(X, "toarray")
 
 
 def take_rows(inputs, indices):

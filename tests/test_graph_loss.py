@@ -164,3 +164,73 @@ def test_a_pytorch_module_returning_its_loss_trains_like_its_prediction_with_log
     exported = own.to_onnx()
     assert [i.name for i in exported.graph.input] == ["X"]
     assert "SoftmaxCrossEntropyLoss" not in {n.op_type for n in exported.graph.node}
+
+
+def _mlp_loss_per_row(shape):
+    """``_mlp('per-sample')`` whose loss has shape ``shape``: (N,) as
+    PyTorch's reduction='none' gives, or (N, 1)."""
+    model = _mlp("per-sample")
+    if shape == "N":
+        graph = model.graph
+        node = next(n for n in graph.node if n.output[0] == "loss")
+        node.op_type = "Squeeze"
+        node.input.append("axis1")
+        graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+        graph.output[1].CopyFrom(helper.make_tensor_value_info("loss", D, ["N"]))
+    return model
+
+
+@pytest.mark.parametrize("engine", ["fused", "forward_backward"])
+def test_a_loss_per_row_of_shape_n_is_weighted_like_n_by_1(engine):
+    X, y = _regression_data()
+    weights = rng.uniform(0.5, 2.0, size=len(y))
+    common = dict(max_iter=3, tol=None, random_state=0, batch_size=16, engine=engine)
+    reference = onnxfit.OnnxSGDRegressor(_mlp(), **common).fit(X, y, sample_weight=weights)
+    flat = onnxfit.OnnxSGDRegressor(_mlp_loss_per_row("N"), loss_output="loss",
+                                    output_name="pred", **common)
+    flat.fit(X, y, sample_weight=weights)
+    for name in reference.weights_:
+        assert_allclose(flat.weights_[name], reference.weights_[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["regressor", "classifier"])
+def test_early_stopping_validates_the_prediction_of_a_graph_with_its_loss(estimator):
+    if estimator == "regressor":
+        X, y = _regression_data()
+        est = onnxfit.OnnxSGDRegressor(_mlp("mean"), loss_output="loss", output_name="pred",
+                                       early_stopping=True, max_iter=30, random_state=0)
+    else:
+        X, y = load_iris(return_X_y=True)
+        est = onnxfit.OnnxSGDClassifier(_classifier(True), loss_output="loss",
+                                        output_name="scores", early_stopping=True,
+                                        max_iter=30, random_state=0)
+    est.fit(X, y)
+    assert len(est.validation_scores_) == est.n_iter_ and np.isfinite(est.validation_scores_).all()
+
+
+def test_a_float_one_hot_label_of_symbolic_width_gets_one_column_per_class():
+    X, y = load_iris(return_X_y=True)
+    X = (X - X.mean(axis=0)) / X.std(axis=0)
+
+    def model(width):
+        W = np.full((3, 4), 0.01)
+        nodes = [helper.make_node("Gemm", ["X", "W"], ["scores"], transB=1),
+                 helper.make_node("LogSoftmax", ["scores"], ["logp"], axis=1),
+                 helper.make_node("Mul", ["logp", "target"], ["picked"]),
+                 helper.make_node("ReduceSum", ["picked", "one"], ["per_row"], keepdims=0),
+                 helper.make_node("Neg", ["per_row"], ["loss"])]
+        return _model(
+            nodes,
+            [helper.make_tensor_value_info("X", D, ["N", 4]),
+             helper.make_tensor_value_info("target", D, ["N", width])],
+            [helper.make_tensor_value_info("scores", D, ["N", 3]),
+             helper.make_tensor_value_info("loss", D, ["N"])],
+            [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([1]), "one")])
+
+    common = dict(loss_output="loss", output_name="scores", max_iter=5, tol=None,
+                  random_state=0)
+    symbolic = onnxfit.OnnxSGDClassifier(model("C"), **common).fit(X, y)
+    declared = onnxfit.OnnxSGDClassifier(model(3), **common).fit(X, y)
+    assert symbolic.input_shapes_["target"] == (3,)
+    assert_allclose(symbolic.weights_["W"], declared.weights_["W"], rtol=1e-10)
+    assert symbolic.score(X, y) > 0.8

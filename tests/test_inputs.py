@@ -230,3 +230,18 @@ def test_a_graph_of_several_inputs_via_onnx_function():
     assert input_grads["num"].shape == num.shape
     with pytest.raises(TypeError, match="give X as a dict"):
         f.forward(num, w)
+
+
+def test_input_columns_and_dicts_are_refused_where_they_mean_nothing():
+    X, y = _digits()
+    with pytest.raises(ValueError, match="default linear model has one input"):
+        onnxfit.OnnxSGDClassifier(**COMMON).fit({"X": X[:50]}, y[:50])
+    with pytest.raises(ValueError, match="default linear model has one input"):
+        onnxfit.OnnxSGDClassifier(input_columns={"X": [0, 1]}, **COMMON).fit(X[:50], y[:50])
+    with pytest.raises(ValueError, match="input_columns assigns the columns of a 2-D X"):
+        onnxfit.OnnxSGDClassifier(CNN, input_columns={"input": list(range(64))}, **COMMON).fit(
+            X[:50].reshape(-1, 1, 8, 8), y[:50])
+    num, cat, y = _embedding_data(50)
+    with pytest.raises(ValueError, match="X is a dict"):
+        _embedding_regressor(max_iter=1, input_columns={"num": [0, 1, 2, 3], "cat": [4, 5]}).fit(
+            {"num": num, "cat": cat}, y)

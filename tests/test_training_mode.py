@@ -282,3 +282,44 @@ def test_a_small_remainder_joins_the_last_batch_under_batch_statistics():
     no_statistics = onnxfit.OnnxSGDClassifier(EVAL_EXPORT, **common)
     no_statistics.partial_fit(X[:35], y[:35], classes=np.arange(10))
     assert no_statistics.t_ == 2
+
+
+def test_batch_statistics_never_see_a_batch_of_one():
+    X, y = _digit_images()
+    X, y = X[:65], y[:65]
+    auto = onnxfit.OnnxSGDClassifier(TRAIN_EXPORT, batch_size="auto", max_iter=1, tol=None,
+                                     random_state=0)
+    auto.partial_fit(X, y, classes=np.arange(10))
+    assert auto.t_ == 2  # batches of 32 and 33 ('auto' would give 1 without them)
+    pairs = onnxfit.OnnxSGDClassifier(TRAIN_EXPORT, batch_size=2, max_iter=1, tol=None,
+                                      random_state=0)
+    pairs.partial_fit(X, y, classes=np.arange(10))
+    assert pairs.t_ == 32  # the 65th sample joins the last pair
+    before = {k: v.copy() for k, v in pairs.running_statistics_.items()}
+    with pytest.raises(ValueError, match="a batch of one sample"):
+        pairs.partial_fit(X[:1], y[:1])
+    for name, value in before.items():
+        assert_array_equal(pairs.running_statistics_[name], value)
+    with pytest.raises(ValueError, match="batch_size=2 or more"):
+        onnxfit.OnnxSGDClassifier(TRAIN_EXPORT, batch_size=1).fit(X, y)
+    onnxfit.OnnxSGDClassifier(TRAIN_EXPORT, batch_size=1, train_mode=False, max_iter=1,
+                              tol=None).fit(X, y)  # as written: running statistics
+
+
+def test_partial_fit_refuses_a_changed_train_mode():
+    X, y = _digit_images()
+    clf = onnxfit.OnnxSGDClassifier(TRAIN_EXPORT, max_iter=1, tol=None, random_state=0)
+    clf.partial_fit(X[:64], y[:64], classes=np.arange(10))
+    clf.set_params(train_mode=False)
+    with pytest.raises(ValueError, match="partial_fit continues .* train_mode changed"):
+        clf.partial_fit(X[:64], y[:64])
+    clf.fit(X[:64], y[:64])  # fit starts again
+    assert clf.running_statistics_ == {}
+
+
+def test_function_refuses_masks_it_does_not_have():
+    model = _bn_dropout_graph(0)
+    f = onnxfit.OnnxFunction(model, weights_to_train=["scale", "bias"], train_mode=True)
+    X = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="not Dropout masks of the graph"):
+        f.forward(X, f.initial_weights(), masks={"other": np.ones((4, 3), np.float32)})

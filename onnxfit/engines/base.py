@@ -170,14 +170,14 @@ class BaseEngine:
         """Whether the remainder of ``n`` samples joins the last full batch.
 
         It does when the graph normalises with batch statistics and the
-        remainder is under half a batch: a handful of samples give
+        remainder is under half a batch (or a single sample): a handful of samples give
         BatchNormalization statistics so noisy that one step can undo an
         epoch (a remainder of 3 gave a gradient ten times the usual on a
         Conv net of the digits).  Every sample is still used once an epoch.
         """
         remainder = n % batch_size
-        return bool(self.problem.statistics) and n >= batch_size and 0 < remainder < (
-            batch_size + 1) // 2
+        return bool(self.problem.statistics) and n >= batch_size and 0 < remainder < max(
+            2, (batch_size + 1) // 2)
 
     def n_steps(self, n, batch_size):
         """Updates an epoch of ``n`` samples takes (see :meth:`run_epoch`)."""
