@@ -202,7 +202,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        loss_output=None, input_columns=None, train_mode=True, learning_rate="nesterov", loss="log_loss", penalty="l2", alpha=1e-4,
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="nesterov",
+        loss="log_loss", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
@@ -210,7 +211,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
-            loss_output=loss_output, input_columns=input_columns, train_mode=train_mode, learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            loss_output=loss_output, input_columns=input_columns, train_mode=train_mode,
+            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
@@ -226,7 +228,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
         y : array-like of shape (n_samples,)
         classes : array-like of shape (n_classes,), default=None
             Every class of the problem; required on the first call (``y``
@@ -482,7 +487,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
 
         Returns
         -------
@@ -509,7 +517,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
 
         Returns
         -------
@@ -569,7 +580,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
 
         Returns
         -------
@@ -607,7 +621,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
 
         Returns
         -------

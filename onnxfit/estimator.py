@@ -30,7 +30,13 @@ from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import onnx_elem_type
 from .penalties import ElasticNetPenalty, make_penalty
 from .sessions import check_device, make_session, parse_device
-from .training_mode import TrainingGraph, batch_shapes, inference_graph, training_graph
+from .training_mode import (
+    TrainingGraph,
+    batch_shapes,
+    inference_graph,
+    statistics_as_inputs,
+    training_graph,
+)
 
 
 class _Runtime:
@@ -158,7 +164,8 @@ class BaseOnnxSGD(BaseEstimator):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
+        loss="squared_error", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
@@ -230,7 +237,10 @@ class BaseOnnxSGD(BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         sample_weight : array-like of shape (n_samples,), default=None
 
@@ -699,25 +709,9 @@ class BaseOnnxSGD(BaseEstimator):
         if runtime.predict_model is None:
             model = self._get_model().forward_model(prediction=True)
             if self.train_mode:
+                # forward_model gives a copy of its own: changed in place.
                 model = inference_graph(model)
-                statistics = set(self.running_statistics_)
-                graph = model.graph
-                kept = [i for i in graph.initializer if i.name not in statistics]
-                if len(kept) != len(graph.initializer) or statistics:
-                    moved = [i for i in graph.initializer if i.name in statistics]
-                    del graph.initializer[:]
-                    graph.initializer.extend(kept)
-                    graph.input.extend(
-                        helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
-                        for i in moved)
-                    # Statistics written as Identity(weight) by the exporter.
-                    aliased = [n for n in graph.node if n.op_type == "Identity"
-                               and n.output[0] in statistics]
-                    for node in aliased:
-                        graph.node.remove(node)
-                        value = self.running_statistics_[node.output[0]]
-                        graph.input.append(helper.make_tensor_value_info(
-                            node.output[0], onnx_elem_type(value.dtype), list(value.shape)))
+                statistics_as_inputs(model.graph, self.running_statistics_)
             runtime.predict_model = model
         return runtime.predict_model
 

@@ -315,7 +315,8 @@ def to_graph_inputs(estimator, X, y, specs, input_columns, reset, **check):
         return {specs[0].name: np.ascontiguousarray(
             flat.reshape((len(flat),) + tuple(nd_shape)), dtype=specs[0].dtype)}, y
     layout = InputLayout(specs, input_columns)
-    positions = layout.column_positions(flat.shape[1], getattr(estimator, "feature_names_in_", None))
+    positions = layout.column_positions(
+        flat.shape[1], getattr(estimator, "feature_names_in_", None))
     inputs = {}
     for spec, columns in zip(specs, positions):
         if len(specs) == 1 and input_columns is None:

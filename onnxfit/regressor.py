@@ -161,7 +161,8 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd", loss="squared_error", penalty="l2", alpha=1e-4,
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
+        loss="squared_error", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
@@ -169,7 +170,8 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
-            loss_output=loss_output, input_columns=input_columns, train_mode=train_mode, learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            loss_output=loss_output, input_columns=input_columns, train_mode=train_mode,
+            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
@@ -184,7 +186,10 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         sample_weight : array-like of shape (n_samples,), default=None
 
@@ -199,7 +204,10 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features) or (n_samples, ...), or dict
+            Features: a 2-D array or DataFrame (its columns assigned to the
+            graph's inputs, see ``input_columns``), an array of the graph
+            input's per-sample shape, or a dict ``{input name: array}``.
 
         Returns
         -------

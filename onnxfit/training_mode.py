@@ -235,8 +235,8 @@ def training_graph(forward_model, sample_shapes, weights, batch="N"):
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     # A statistic the exporter wrote as Identity(initializer or weight) gets
     # its own state, starting from that value.
-    aliases = {n.output[0]: n for n in graph.node
-               if n.op_type == "Identity" and (n.input[0] in initializers or n.input[0] in weights)}
+    aliases = {n.output[0]: n for n in graph.node if n.op_type == "Identity"
+               and (n.input[0] in initializers or n.input[0] in weights)}
     result = TrainingGraph(model)
     nodes = []
     dropped = set()
@@ -256,8 +256,6 @@ def training_graph(forward_model, sample_shapes, weights, batch="N"):
             "than BatchNormalization; onnxfit cannot make them state (set train_mode=False)."
         )
     for node in graph.node:
-        if node.op_type == "Identity" and node.output[0] in dropped:
-            continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in TRAINING_OPS:
             nodes.append(node)
             continue
@@ -269,21 +267,34 @@ def training_graph(forward_model, sample_shapes, weights, batch="N"):
         nodes.extend(writer.nodes)
     del graph.node[:]
     graph.node.extend(nodes)
-    statistics = set(result.statistics)
-    kept = [i for i in graph.initializer if i.name not in statistics]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     for mask in result.masks:
         graph.input.append(helper.make_tensor_value_info(
             mask.name, onnx.helper.np_dtype_to_tensor_dtype(mask.dtype),
             [batch if d is None else d for d in mask.shape]))
+    statistics_as_inputs(graph, result.initial_statistics)
     for name, new in result.statistics.items():
         array = result.initial_statistics[name]
         elem = helper.np_dtype_to_tensor_dtype(array.dtype)
-        graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
         graph.output.append(helper.make_tensor_value_info(new, elem, list(array.shape)))
     prune_graph(graph)
     return result
+
+
+def statistics_as_inputs(graph, statistics):
+    """Make each running statistic of ``statistics`` (name -> array) a graph
+    input of ``graph`` (changed in place), in place of its initializer or of
+    the ``Identity`` the exporter aliased it with."""
+    names = set(statistics)
+    kept = [i for i in graph.initializer if i.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in names)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for name, array in statistics.items():
+        graph.input.append(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype),
+            list(np.shape(array))))
 
 
 def _dropout(graph, node, w, shapes, types, result):
