@@ -39,6 +39,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.utils import Extractor
 
 import onnxfit
+from onnxfit.gradient_check import _all_nodes, _to_double
 from onnxfit.sessions import has_training_build
 from tests.finite_differences import Erf, Gelu
 from tests.zoo.make_zoo import set_dropout_ratio
@@ -177,47 +178,9 @@ def _assert_close(name, what, actual, expected, tol, floors=None):
     )
 
 
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_nodes(subgraph)
-
-
 # -- float64 reference of the graph -------------------------------------------------------------
-def _double_tensor(tensor):
-    if tensor.data_type != TensorProto.FLOAT:
-        return tensor
-    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name)
-
-
-def _to_double(model):
-    """A copy of float32 ``model`` computing in float64."""
-    double = onnx.ModelProto()
-    double.CopyFrom(model)
-    graph = double.graph
-    for k, init in enumerate(graph.initializer):
-        graph.initializer[k].CopyFrom(_double_tensor(init))
-    for node in _all_nodes(graph):
-        if node.op_type == "Constant" and node.attribute[0].name in ("value_float", "value_floats"):
-            value = np.array(helper.get_attribute_value(node.attribute[0]), dtype=np.float64)
-            del node.attribute[:]
-            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                attribute.t.CopyFrom(_double_tensor(attribute.t))
-            elif node.op_type == "Cast" and attribute.name == "to" and (
-                attribute.i == TensorProto.FLOAT
-            ):
-                attribute.i = TensorProto.DOUBLE
-    for value in list(graph.input) + list(graph.output):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.DOUBLE
-    del graph.value_info[:]
-    return double
+# The float64 copy is onnxfit.check_gradients' (tested on its own to fail on
+# a wrong rule); its node walk covers subgraphs.
 
 
 class Float64Loss:
