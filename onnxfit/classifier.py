@@ -99,6 +99,11 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         only.  ``'sgd'`` is ``LearningRateSGD()`` (invscaling, ``eta0=0.01``),
         the regressor's default.  Pass an object to search its parameters
         (``learning_rate__eta0``).
+    eta0 : float, default=None
+        Initial step size of the update rule named by ``learning_rate``;
+        None keeps the rule's own default.  Searchable as scikit-learn's
+        SGD's (``GridSearchCV(est, {'eta0': [...]})``); an error with an
+        update-rule object, which holds its own ``eta0``.
     loss : {'log_loss', 'hinge', 'modified_huber'} or BaseLoss, default='log_loss'
         ``'log_loss'`` is the sigmoid cross-entropy for one logit (or for
         the one-vs-rest sigmoids of a converted ``SGDClassifier``), the
@@ -203,7 +208,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         loss_output=None, input_columns=None, train_mode=True, learning_rate="nesterov",
-        loss="log_loss", penalty="l2", alpha=1e-4,
+        eta0=None, loss="log_loss", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
@@ -212,7 +217,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
             loss_output=loss_output, input_columns=input_columns, train_mode=train_mode,
-            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            learning_rate=learning_rate, eta0=eta0, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,

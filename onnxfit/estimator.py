@@ -142,6 +142,7 @@ class BaseOnnxSGD(BaseEstimator):
         "input_columns": [None, dict],
         "train_mode": ["boolean"],
         "learning_rate": [StrOptions({"sgd", "nesterov"}), BaseLearningRate],
+        "eta0": [Interval(Real, 0, None, closed="neither"), None],
         "loss": [str, BaseLoss],
         "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -165,7 +166,7 @@ class BaseOnnxSGD(BaseEstimator):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
-        loss="squared_error", penalty="l2", alpha=1e-4,
+        eta0=None, loss="squared_error", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
@@ -181,6 +182,7 @@ class BaseOnnxSGD(BaseEstimator):
         self.input_columns = input_columns
         self.train_mode = train_mode
         self.learning_rate = learning_rate
+        self.eta0 = eta0
         self.loss = loss
         self.penalty = penalty
         self.alpha = alpha
@@ -596,7 +598,7 @@ class BaseOnnxSGD(BaseEstimator):
             self.running_statistics_ = dict(self._get_training_graph().initial_statistics)
             self.label_shape_ = self._probe_label_shape(inputs, labels)
             self._loss_shape = self._graph_loss_shape() if self._label_input else None
-        learning_rate = make_learning_rate(self.learning_rate)
+        learning_rate = self._update_rule()
         self._update_state = {
             w: learning_rate.initial_state(a) for w, a in self.weights_.items()
         }
@@ -715,13 +717,27 @@ class BaseOnnxSGD(BaseEstimator):
             runtime.predict_model = model
         return runtime.predict_model
 
+    def _update_rule(self):
+        """The update-rule object ``learning_rate`` names, with ``eta0``."""
+        rule = make_learning_rate(self.learning_rate)
+        if self.eta0 is not None:
+            if not isinstance(self.learning_rate, str):
+                raise ValueError(
+                    f"eta0={self.eta0!r} and learning_rate={self.learning_rate!r} both set "
+                    "the step size: give it in the object (its eta0) or name the rule "
+                    "(learning_rate='sgd', ...) with eta0."
+                )
+            rule.set_params(eta0=self.eta0)
+            rule._check()
+        return rule
+
     def _training_pieces(self):
         """The loss, penalty and update-rule objects the parameters name."""
         loss = GraphLoss(per_sample=self._loss_shape is not None) \
             if self._label_input is not None \
             else self._make_loss()
         return (loss, make_penalty(self.penalty, self.alpha, self.l1_ratio),
-                make_learning_rate(self.learning_rate))
+                self._update_rule())
 
     def _build_problem(self, pieces=None):
         """The :class:`TrainingProblem` of the current parameters."""

@@ -58,6 +58,11 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         (``eta0=0.01``, invscaling), ``'nesterov'`` is
         ``LearningRateSGDNesterov()``.  Pass an object to search its
         parameters (``learning_rate__eta0``) with ``GridSearchCV``.
+    eta0 : float, default=None
+        Initial step size of the update rule named by ``learning_rate``;
+        None keeps the rule's own default.  Searchable as scikit-learn's
+        SGD's (``GridSearchCV(est, {'eta0': [...]})``); an error with an
+        update-rule object, which holds its own ``eta0``.
     loss : str or BaseLoss, default='squared_error'
         ``'squared_error'``, ``'absolute_error'``, ``'huber'``,
         ``'epsilon_insensitive'``, ``'squared_epsilon_insensitive'``,
@@ -162,7 +167,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
-        loss="squared_error", penalty="l2", alpha=1e-4,
+        eta0=None, loss="squared_error", penalty="l2", alpha=1e-4,
         l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
         validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
@@ -171,7 +176,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
             loss_output=loss_output, input_columns=input_columns, train_mode=train_mode,
-            learning_rate=learning_rate, loss=loss, penalty=penalty, alpha=alpha,
+            learning_rate=learning_rate, eta0=eta0, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,

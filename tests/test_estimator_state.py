@@ -142,3 +142,31 @@ def test_batch_buffers_do_not_grow_with_chunk_sizes(regression):
     for n in range(20, 120, 7):
         est.partial_fit(X[:n], y[:n])
     assert len(est._runtime.engine._buffers) <= 2
+
+
+def test_eta0_names_the_step_size_of_a_named_rule_and_is_searchable():
+    from sklearn.datasets import load_diabetes
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.preprocessing import scale
+
+    from onnxfit import LearningRateSGD, LearningRateSGDNesterov
+
+    X, y = load_diabetes(return_X_y=True)
+    X, y = scale(X), scale(y)
+    common = dict(max_iter=3, tol=None, random_state=0)
+    by_eta0 = OnnxSGDRegressor(eta0=0.05, **common).fit(X, y)
+    by_object = OnnxSGDRegressor(learning_rate=LearningRateSGD(eta0=0.05), **common).fit(X, y)
+    for name in by_object.weights_:
+        np.testing.assert_array_equal(by_eta0.weights_[name], by_object.weights_[name])
+    nesterov = OnnxSGDRegressor(learning_rate="nesterov", eta0=0.002, **common).fit(X, y)
+    reference = OnnxSGDRegressor(learning_rate=LearningRateSGDNesterov(eta0=0.002),
+                                 **common).fit(X, y)
+    np.testing.assert_array_equal(nesterov.weights_["coef"], reference.weights_["coef"])
+    search = GridSearchCV(OnnxSGDRegressor(**common),
+                          {"eta0": [1e-3, 1e-2], "learning_rate": ["sgd", "nesterov"]}, cv=2)
+    search.fit(X, y)
+    assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+    with pytest.raises(ValueError, match="both set the step size"):
+        OnnxSGDRegressor(learning_rate=LearningRateSGD(), eta0=0.1, **common).fit(X, y)
+    with pytest.raises(ValueError, match="eta0"):
+        OnnxSGDRegressor(eta0=-1.0).fit(X, y)
