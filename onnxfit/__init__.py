@@ -8,7 +8,16 @@ pluggable learning-rate objects.
 from .function import OnnxFunction
 from .gradient_check import check_gradients
 from .classifier import OnnxSGDClassifier
-from .learning_rate import BaseLearningRate, LearningRateSGD, LearningRateSGDNesterov
+from .learning_rate import (
+    BaseLearningRate,
+    LearningRateAdagrad,
+    LearningRateAdam,
+    LearningRateAdamW,
+    LearningRateMomentum,
+    LearningRateRMSprop,
+    LearningRateSGD,
+    LearningRateSGDNesterov,
+)
 from .losses import (
     AbsoluteLoss,
     BaseLoss,
@@ -34,6 +43,11 @@ __all__ = [
     "BaseLearningRate",
     "LearningRateSGD",
     "LearningRateSGDNesterov",
+    "LearningRateMomentum",
+    "LearningRateAdam",
+    "LearningRateAdamW",
+    "LearningRateRMSprop",
+    "LearningRateAdagrad",
     "BaseLoss",
     "SquaredLoss",
     "AbsoluteLoss",

@@ -89,7 +89,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         running mean and variance updated, see ``running_statistics_``) and
         as in ``model.eval()`` in ``predict`` and ``to_onnx``, whichever mode
         the graph was exported in.  False trains the graph as written.
-    learning_rate : 'nesterov', 'sgd' or BaseLearningRate, default='nesterov'
+    learning_rate : str or BaseLearningRate, default='nesterov'
         Update rule and schedule.  ``'nesterov'`` is
         ``LearningRateSGDNesterov()`` (``eta0=0.01``, momentum 0.9, constant
         rate): it matches ``SGDClassifier(loss='log_loss')`` on standardised
@@ -97,8 +97,12 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         ``'optimal'`` schedule (``LearningRateSGD(schedule='optimal')``)
         starts with rates near ``1 / (alpha t0)`` that suit linear models
         only.  ``'sgd'`` is ``LearningRateSGD()`` (invscaling, ``eta0=0.01``),
-        the regressor's default.  Pass an object to search its parameters
-        (``learning_rate__eta0``).
+        the regressor's default.  ``'momentum'``, ``'adam'``, ``'adamw'``,
+        ``'rmsprop'`` and ``'adagrad'`` are ``LearningRateMomentum()``,
+        ``LearningRateAdam()``, ``LearningRateAdamW()``,
+        ``LearningRateRMSprop()`` and ``LearningRateAdagrad()``: torch.optim's
+        rules with its defaults (constant rate).  Pass an object to search its
+        parameters (``learning_rate__eta0``).
     eta0 : float, default=None
         Initial step size of the update rule named by ``learning_rate``;
         None keeps the rule's own default.  Searchable as scikit-learn's

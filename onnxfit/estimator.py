@@ -141,7 +141,7 @@ class BaseOnnxSGD(BaseEstimator):
         "loss_output": [None, str],
         "input_columns": [None, dict],
         "train_mode": ["boolean"],
-        "learning_rate": [StrOptions({"sgd", "nesterov"}), BaseLearningRate],
+        "learning_rate": [StrOptions({"sgd", "nesterov", "momentum", "adam", "adamw", "rmsprop", "adagrad"}), BaseLearningRate],
         "eta0": [Interval(Real, 0, None, closed="neither"), None],
         "loss": [str, BaseLoss],
         "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],

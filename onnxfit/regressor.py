@@ -53,10 +53,15 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         running mean and variance updated, see ``running_statistics_``) and
         as in ``model.eval()`` in ``predict`` and ``to_onnx``, whichever mode
         the graph was exported in.  False trains the graph as written.
-    learning_rate : 'sgd', 'nesterov' or BaseLearningRate, default='sgd'
+    learning_rate : str or BaseLearningRate, default='sgd'
         Update rule and schedule.  ``'sgd'`` is ``LearningRateSGD()``
         (``eta0=0.01``, invscaling), ``'nesterov'`` is
-        ``LearningRateSGDNesterov()``.  Pass an object to search its
+        ``LearningRateSGDNesterov()``; ``'momentum'``, ``'adam'``,
+        ``'adamw'``, ``'rmsprop'`` and ``'adagrad'`` are
+        ``LearningRateMomentum()``, ``LearningRateAdam()``,
+        ``LearningRateAdamW()``, ``LearningRateRMSprop()`` and
+        ``LearningRateAdagrad()``: torch.optim's rules with its defaults
+        (constant rate).  Pass an object to search its
         parameters (``learning_rate__eta0``) with ``GridSearchCV``.
     eta0 : float, default=None
         Initial step size of the update rule named by ``learning_rate``;

@@ -112,8 +112,8 @@ def test_invalid_hyperparameters():
         make_learning_rate(LearningRateSGDNesterov(momentum=1.0))
     with pytest.raises(ValueError, match="optimal.*alpha"):
         LearningRateSGD(schedule="optimal", alpha=0.0)(1)
-    with pytest.raises(ValueError, match="Unknown learning_rate 'adam'"):
-        make_learning_rate("adam")
+    with pytest.raises(ValueError, match="Unknown learning_rate 'adamax'"):
+        make_learning_rate("adamax")
     with pytest.raises(TypeError, match="learning_rate must be"):
         make_learning_rate(0.1)
 
