@@ -24,7 +24,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from .engines import ENGINES, TrainingProblem, make_engine
 from .gradient import BACKENDS, check_backend
 from .inputs import InputSpec, is_input_dict, n_samples, take_rows, to_graph_inputs
-from .learning_rate import BaseLearningRate, ScheduleState, make_learning_rate
+from .learning_rate import LEARNING_RATES, BaseLearningRate, ScheduleState, make_learning_rate
 from .losses import BaseLoss, GraphLoss
 from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import onnx_elem_type
@@ -141,7 +141,7 @@ class BaseOnnxSGD(BaseEstimator):
         "loss_output": [None, str],
         "input_columns": [None, dict],
         "train_mode": ["boolean"],
-        "learning_rate": [StrOptions({"sgd", "nesterov", "momentum", "adam", "adamw", "rmsprop", "adagrad"}), BaseLearningRate],
+        "learning_rate": [StrOptions(set(LEARNING_RATES)), BaseLearningRate],
         "eta0": [Interval(Real, 0, None, closed="neither"), None],
         "loss": [str, BaseLoss],
         "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],
