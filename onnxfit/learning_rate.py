@@ -21,26 +21,14 @@ Subclass :class:`BaseLearningRate`, list the per-weight state tensors in
 compute ``new_weight`` and ``new_<state>`` for each state from ``weight``,
 ``gradient``, the scalar ``learning_rate`` and each ``<state>`` (state
 tensors start as zeros shaped like the weight).  The engines feed no update
-count: a rule that needs one keeps it as a state, as ``count`` below
-(``new_count = Add(count, one)``).  For example, Adam
-(``tests/test_learning_rate.py`` has the complete rule)::
-
-    class LearningRateAdam(BaseLearningRate):
-        state_names = ("m", "v", "count")
-
-        def __init__(self, eta0=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8,
-                     schedule="constant", power_t=0.25, alpha=1e-4):
-            super().__init__(eta0=eta0, schedule=schedule,
-                             power_t=power_t, alpha=alpha)
-            self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
-
-        def constants(self):
-            return {"b1": self.beta1, "b2": self.beta2, "eps": self.epsilon, ...}
-
-        def update_body(self):
-            return '''
-                ... new_m = ..., new_v = ..., new_weight = ...
-            '''
+count: a rule that needs one keeps it as a state, as
+:class:`LearningRateAdam` keeps ``step`` (``new_step = Add(step, one)``);
+the rules below are the examples to follow, one small class each:
+:class:`LearningRateSGD`, :class:`LearningRateSGDNesterov`,
+:class:`LearningRateMomentum`, :class:`LearningRateAdam`,
+:class:`LearningRateAdamW`, :class:`LearningRateRMSprop` and
+:class:`LearningRateAdagrad` (the last five are ``torch.optim``'s, with its
+defaults).
 """
 
 import math
