@@ -829,6 +829,22 @@ class BaseOnnxSGD(BaseEstimator):
             return runtime.export_session.run([self.trained_output_], feeds)[0]
         return runtime.export_session.run(list(output_names), feeds)
 
+    def training_graphs(self):
+        """The ONNX graphs training runs, by name, to save or view.
+
+        The fused engine runs one graph per step (``'training_step'``:
+        forward, loss, gradients and update); the forward-backward engine
+        runs ``'model_forward'``, ``'loss'``, ``'model_backward'``,
+        ``'penalty'`` (when weights are penalized) and ``'update'``.
+
+        Returns
+        -------
+        dict of str -> onnx.ModelProto
+            Copies: changing them changes nothing in the estimator.
+        """
+        check_is_fitted(self, "weights_")
+        return self._get_engine().graphs()
+
     def to_onnx(self):
         """The user's graph (all its outputs) with the trained weights.
 

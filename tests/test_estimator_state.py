@@ -9,7 +9,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from onnx import parser
 from sklearn.datasets import load_breast_cancer, load_iris
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.preprocessing import StandardScaler
 from skl2onnx import to_onnx
@@ -170,3 +170,27 @@ def test_eta0_names_the_step_size_of_a_named_rule_and_is_searchable():
         OnnxSGDRegressor(learning_rate=LearningRateSGD(), eta0=0.1, **common).fit(X, y)
     with pytest.raises(ValueError, match="eta0"):
         OnnxSGDRegressor(eta0=-1.0).fit(X, y)
+
+
+@pytest.mark.parametrize("engine, names", [
+    ("fused", ["training_step"]),
+    ("forward_backward", ["model_forward", "loss", "model_backward", "penalty", "update"]),
+])
+def test_training_graphs_are_the_graphs_the_engine_runs(engine, names):
+    import onnx
+
+    from onnxfit.engines.problem import LOSS
+
+    X, y = load_iris(return_X_y=True)
+    clf = OnnxSGDClassifier(max_iter=2, tol=None, random_state=0, engine=engine).fit(X, y)
+    graphs = clf.training_graphs()
+    assert list(graphs) == names
+    for model in graphs.values():
+        onnx.checker.check_model(model)  # standard ONNX, default domain only
+        assert {n.domain for n in model.graph.node} <= {""}
+    outputs = {o.name for g in graphs.values() for o in g.graph.output}
+    assert LOSS in outputs
+    graphs[names[0]].graph.ClearField("node")  # copies: the estimator keeps working
+    clf.partial_fit(X, y)
+    with pytest.raises(NotFittedError):
+        OnnxSGDClassifier().training_graphs()

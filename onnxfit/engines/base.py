@@ -184,6 +184,10 @@ class BaseEngine:
         steps = -(-n // batch_size)
         return steps - 1 if self._joins_last_batch(n, batch_size) else steps
 
+    def graphs(self):
+        """The ONNX graphs this engine runs, by name (copies)."""
+        raise NotImplementedError
+
     def _step(self, buffers, parity):
         """One update on the gathered batch: read weight set ``parity``,
         write the other one, and the objective into ``_step_loss``."""

@@ -205,6 +205,21 @@ class ForwardBackwardEngine(BaseEngine):
         self._run_penalty = binding_runner(self.penalty_session) if penalized else None
         self._step_loss = self._objective if penalized else self._data_loss
 
+    def graphs(self):
+        """The five graphs of a step, in the order they run:
+        ``model_forward``, ``loss``, ``model_backward``, ``penalty`` (when
+        weights are penalized) and ``update``."""
+        split = self.model_runner.split
+        pieces = {"model_forward": split.forward, "loss": self.loss_model,
+                  "model_backward": split.backward, "penalty": self.penalty_model,
+                  "update": self.update_model}
+        graphs = {}
+        for name, piece in pieces.items():
+            if piece is not None:
+                graphs[name] = onnx.ModelProto()
+                graphs[name].CopyFrom(piece)
+        return graphs
+
     # -- IO bindings -------------------------------------------------------------
     def _bind_penalty(self, parity):
         binding = self.penalty_session.io_binding()

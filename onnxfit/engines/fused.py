@@ -127,6 +127,12 @@ class FusedEngine(BaseEngine):
         self._rate = np.zeros((), dtype=problem.dtype)
         self._run = binding_runner(self.session)
 
+    def graphs(self):
+        """``{'training_step': the whole step}`` (see :func:`build_fused_model`)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.training_model)
+        return {"training_step": model}
+
     def _bind_batch(self, buffers):
         problem = self.problem
         bindings = []
