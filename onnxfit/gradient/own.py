@@ -309,6 +309,18 @@ def _subgraph_mask(node, masks):
     return mask
 
 
+def _refusal(node, reason, wrt, through_rules, bits):
+    """The GradientError of a node its rule or expansion cannot handle,
+    naming the weights behind it and what works instead."""
+    weights = [w for w in wrt if any(
+        through_rules.get(i, 0) & bits[w] for i in node.input if i)]
+    return GradientError(
+        f"onnxfit cannot differentiate {_node_label(node)}: {reason} It lies "
+        f"between the differentiated {weights} and the loss; freeze them "
+        "(weights_to_train=...) or train another output (output_name=...)."
+    )
+
+
 def _node_label(node):
     return f"{node.op_type} (node {node.name or node.output[0]!r})"
 
@@ -388,13 +400,7 @@ def _expand(graph, nodes, types, shapes, through_rules, on_path, bits, wrt, opse
         try:
             values = EXPANSIONS[node.op_type](ctx, view)
         except NotDifferentiable as exc:
-            weights = [w for w in wrt if any(
-                through_rules.get(i, 0) & bits[w] for i in node.input if i)]
-            raise GradientError(
-                f"onnxfit cannot differentiate {_node_label(node)}: {exc} It lies "
-                f"between the differentiated {weights} and the loss; freeze them "
-                "(weights_to_train=...) or train another output (output_name=...)."
-            ) from None
+            raise _refusal(node, exc, wrt, through_rules, bits) from None
         written = ctx.nodes[start:]
         _bind(ctx, written, values, node.output)
         replaced[id(node)] = written
@@ -517,13 +523,7 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
         try:
             input_cotangents = RULES[node.op_type](ctx, view, output_cotangents)
         except NotDifferentiable as exc:
-            weights = [w for w in wrt if any(
-                through_rules.get(i, 0) & bits[w] for i in node.input if i)]
-            raise GradientError(
-                f"onnxfit cannot differentiate {_node_label(node)}: {exc} It lies "
-                f"between the differentiated {weights} and the loss; freeze them "
-                "(weights_to_train=...) or train another output (output_name=...)."
-            ) from None
+            raise _refusal(node, exc, wrt, through_rules, bits) from None
         input_cotangents = list(input_cotangents)
         input_cotangents += [None] * (len(node.input) - len(input_cotangents))
         for index, (name, cotangent) in enumerate(zip(node.input, input_cotangents)):
