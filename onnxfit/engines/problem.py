@@ -77,6 +77,10 @@ class TrainingProblem:
     statistic_shapes : dict of str -> tuple
     device : onnxfit.sessions.Device or None
         Where the engine's sessions run (None: the CPU).
+    max_grad_norm : float or None
+        Bound on the global L2 norm of the gradient (all weights together,
+        penalty included), applied in the step graph before the update rule
+        (``torch.nn.utils.clip_grad_norm_``); None: no clipping.
     penalized : list of str
         The weights the penalty applies to (set from ``penalty``).
     """
@@ -97,6 +101,7 @@ class TrainingProblem:
     statistics: dict = field(default_factory=dict)
     statistic_shapes: dict = field(default_factory=dict)
     device: object = None
+    max_grad_norm: object = None
     penalized: list = field(init=False)
 
     def __post_init__(self):
