@@ -1,28 +1,50 @@
 """Penalties: value and gradient against the closed form, which weights are
-penalised, name resolution, and the penalty inside a training step."""
+penalised, name resolution, per-weight penalties, and the penalty inside a
+training step."""
 
 import numpy as np
 import pytest
+import sklearn
 from numpy.testing import assert_allclose
 from onnx import TensorProto, helper, numpy_helper
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
 
 from onnxfit import ElasticNetPenalty, LearningRateSGD, OnnxSGDRegressor
+from onnxfit.engines.problem import TrainingProblem
 from onnxfit.gradient import build_vjp, gradient_output_name
 from onnxfit.onnx_graphs import piece_model
-from onnxfit.penalties import make_penalty
+from onnxfit.penalties import WeightPenalties, make_penalty
 from onnxfit.sessions import make_session
+from tests.finite_differences import check_gradients
 
 ALPHA = 0.3
 L1_RATIO = 0.4
 
 
-class _PenaltyRunner:
-    """The penalty piece on a flat weight vector (every position penalized)
-    with its gradient from the gradient seam; run on weights of any shape."""
+def _uniform(penalty, size):
+    """Coefficients putting ``penalty`` on every position of a flat vector."""
+    return {"alpha": np.full(size, penalty.alpha), "l1_ratio": np.full(size, penalty.l1_ratio)}
 
-    def __init__(self, penalty, size, dtype=np.float64):
+
+def _problem(penalty, shapes, dtype=np.float64):
+    """A TrainingProblem with only what the penalty reads (weights, dtype)."""
+    return TrainingProblem(
+        forward_model=None, inputs=[], output_name="Y", weight_names=list(shapes),
+        weight_shapes=dict(shapes), dtype=dtype, label_shape=(), loss=None,
+        penalty=penalty, learning_rate=None,
+    )
+
+
+class _PenaltyRunner:
+    """The penalty piece on a flat weight vector with its gradient from the
+    gradient seam; run on weights of any shape.  ``coefficients``: as
+    :meth:`TrainingProblem.penalty_mask` gives them (default: ``penalty``
+    on every position)."""
+
+    def __init__(self, penalty, size, dtype=np.float64, coefficients=None):
         model = piece_model(penalty.piece(dtype))
-        scales = penalty.scales(np.ones(size), dtype)
+        scales = penalty.scales(coefficients or _uniform(penalty, size), dtype)
         graph = model.graph
         kept = [i for i in graph.input if i.name not in scales]
         del graph.input[:]
@@ -75,23 +97,18 @@ def test_penalty_value_and_gradient_match_closed_form(name, l1_ratio, shape):
     assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-15)
 
 
+def _piece_feeds(penalty, coefficients, w, dtype=np.float64):
+    """The penalty piece as a model, and feeds giving its scales as inputs."""
+    model = piece_model(penalty.piece(dtype))
+    return model, {"weight": w, **penalty.scales(coefficients, dtype)}
+
+
 @pytest.mark.parametrize("name", ["l2", "elasticnet"])
 def test_penalty_gradient_matches_central_finite_differences(name):
     penalty = make_penalty(name, ALPHA, L1_RATIO)
-    session = _penalty_session(penalty, shape=(3, 2))
-    w = _weight((3, 2), seed=1)
-    grad = session.run(["weight_grad"], {"weight": w})[0]
-    h = 1e-6
-    numeric = np.empty_like(w)
-    for index in np.ndindex(w.shape):
-        plus, minus = w.copy(), w.copy()
-        plus[index] += h
-        minus[index] -= h
-        numeric[index] = (
-            session.run(["penalty"], {"weight": plus})[0]
-            - session.run(["penalty"], {"weight": minus})[0]
-        ) / (2 * h)
-    assert_allclose(grad, numeric, rtol=1e-7)
+    w = _weight(6, seed=1)
+    model, feeds = _piece_feeds(penalty, _uniform(penalty, 6), w)
+    check_gradients(model, feeds, wrt=["weight"], rtol=1e-7)
 
 
 def test_l1_gradient_has_the_sign_of_the_weight():

@@ -82,7 +82,8 @@ class TrainingProblem:
         penalty included), applied in the step graph before the update rule
         (``torch.nn.utils.clip_grad_norm_``); None: no clipping.
     penalized : list of str
-        The weights the penalty applies to (set from ``penalty``).
+        The weights the penalty applies to with a non-zero strength, in
+        order (set from ``penalty``).
     """
 
     forward_model: onnx.ModelProto
@@ -109,8 +110,11 @@ class TrainingProblem:
         if self.penalty is None:
             self.penalized = []
         else:
+            # a per-name penalty can only be checked here, where the names are known
+            self.penalty.check_names(self.weight_names)
             self.penalized = [
-                n for n in self.weight_names if self.penalty.applies_to(self.weight_shapes[n])
+                n for n in self.weight_names
+                if self.penalty.coefficients(n, self.weight_shapes[n]) is not None
             ]
 
     @property
@@ -138,10 +142,24 @@ class TrainingProblem:
         return offsets
 
     def penalty_mask(self):
-        """A flat vector of 1 where the weight is penalized, 0 elsewhere."""
-        mask = np.zeros(self.n_weights, dtype=self.dtype)
+        """Each position's penalty coefficients in the flat weight vector.
+
+        Built here, where the weights' names and offsets are known, so that
+        one penalty piece serves weights of different strengths (see
+        :meth:`onnxfit.penalties.BasePenalty.scales`, which reads it).
+
+        Returns
+        -------
+        dict of str -> ndarray of shape (n_weights,)
+            ``'alpha'``: the strength of the weight at that position, 0
+            where it is not penalized; ``'l1_ratio'``: its L1 share (0 where
+            it is not penalized).  float64, cast by the scales.
+        """
+        alpha = np.zeros(self.n_weights)
+        ratio = np.zeros(self.n_weights)
         penalized = set(self.penalized)
         for weight, (start, stop) in self.weight_offsets().items():
             if weight in penalized:
-                mask[start:stop] = 1
-        return mask
+                alpha[start:stop], ratio[start:stop] = self.penalty.coefficients(
+                    weight, self.weight_shapes[weight])
+        return {"alpha": alpha, "l1_ratio": ratio}
