@@ -1,4 +1,4 @@
-"""Learning-rate objects: a schedule and an update rule.
+"""Learning-rate objects: an update rule and its schedule.
 
 Modelled on scikit-learn's ``neural_network/_stochastic_optimizers.py``:
 one small class per update rule.  A learning-rate object holds
@@ -7,6 +7,19 @@ the adaptive decay, velocities) lives in a :class:`ScheduleState` and in
 state tensors owned by the fitted estimator, so one object can be shared by
 several estimators (or be a default argument) and is never mutated by
 ``fit``.
+
+Every rule takes ``eta0`` and a ``schedule``: one of scikit-learn's SGD
+names (``'constant'``, ``'invscaling'``, ``'optimal'``, ``'adaptive'``,
+meaning what they mean on ``SGDRegressor``, with the rule's ``power_t`` and
+``alpha``), ``'cosine'``, or a schedule object of :mod:`onnxfit.schedules`
+(``ConstantSchedule``, ``InvScalingSchedule``, ``OptimalSchedule``,
+``AdaptiveSchedule``, ``CosineSchedule``, ``StepSchedule``, each with a
+linear warm-up).  The schedule gives the rate of each update
+(:meth:`BaseLearningRate.rates`), which the engines feed to the rule as its
+``learning_rate`` input (torch's ``lr`` for the torch rules).
+:func:`make_learning_rate` resolves an estimator's ``learning_rate`` name,
+including scikit-learn's schedule names as plain SGD
+(``learning_rate='optimal'`` is ``LearningRateSGD(schedule='optimal')``).
 
 The update rule is written once, as ONNX graph text
 (:meth:`BaseLearningRate.update_piece`), and applied once to every weight
@@ -31,32 +44,16 @@ the rules below are the examples to follow, one small class each:
 defaults).
 """
 
-import math
-from dataclasses import dataclass
+import functools
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
 from .onnx_graphs import parse_piece
-
-SCHEDULES = ("constant", "invscaling", "optimal", "adaptive")
-
-
-@dataclass
-class ScheduleState:
-    """What a training run changes in a schedule.
-
-    Attributes
-    ----------
-    t : int
-        Number of updates done so far.
-    decay : float
-        Factor applied by the ``adaptive`` schedule (divided by 5 each time
-        training stalls).
-    """
-
-    t: int = 0
-    decay: float = 1.0
+from .schedules import (
+    ScheduleState,  # noqa: F401  (the estimators import it from here)
+    make_schedule,
+)
 
 
 class BaseLearningRate(BaseEstimator):
@@ -66,16 +63,22 @@ class BaseLearningRate(BaseEstimator):
     ----------
     eta0 : float
         Initial learning rate.
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}
-        ``constant``: ``eta0``; ``invscaling``: ``eta0 / t**power_t``;
-        ``optimal``: Bottou's ``1 / (alpha (t0 + t))`` as scikit-learn's SGD;
-        ``adaptive``: ``eta0``, divided by 5 each time training stops
-        improving (see :meth:`trigger_stopping`).  ``t`` counts updates
-        (mini-batches), starting at 1.
+    schedule : {'constant', 'invscaling', 'optimal', 'adaptive', 'cosine'} or BaseSchedule
+        How the rate changes from update to update (see
+        :mod:`onnxfit.schedules`).  ``constant``: ``eta0``; ``invscaling``:
+        ``eta0 / t**power_t``; ``optimal``: Bottou's ``1 / (alpha (t0 + t -
+        1))`` as scikit-learn's SGD; ``adaptive``: ``eta0``, divided by 5
+        each time training stops improving (see :meth:`trigger_stopping`);
+        ``cosine``: ``CosineSchedule()``, a cosine decay to 0 over the whole
+        fit.  ``t`` counts updates (mini-batches), starting at 1.  An object
+        (:class:`~onnxfit.schedules.CosineSchedule`,
+        :class:`~onnxfit.schedules.StepSchedule`, ..., any with warm-up)
+        brings its own hyperparameters.
     power_t : float
-        Exponent of ``invscaling``.
+        Exponent of ``schedule='invscaling'`` (unused with an object).
     alpha : float
-        Regularisation constant used by ``optimal``.
+        Regularisation constant of ``schedule='optimal'`` (unused with an
+        object).
     """
 
     #: Names of the per-weight state tensors of the update rule.
@@ -89,20 +92,14 @@ class BaseLearningRate(BaseEstimator):
 
     # -- schedule --------------------------------------------------------
     def _check(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"Unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}."
-            )
         if not (isinstance(self.eta0, (int, float, np.number)) and self.eta0 > 0):
             raise ValueError(f"eta0 must be a positive number, got {self.eta0!r}.")
-        if self.schedule == "optimal" and not self.alpha > 0:
-            raise ValueError("The 'optimal' schedule needs alpha > 0.")
+        self._get_schedule()
 
-    def _optimal_t0(self):
-        # Bottou's heuristic as in scikit-learn's SGD, with a loss derivative
-        # bounded by 1 at the typical weight (true for hinge and log losses).
-        typw = math.sqrt(1.0 / math.sqrt(self.alpha))
-        return 1.0 / (typw * self.alpha)
+    def _get_schedule(self):
+        """The schedule object ``schedule`` names (a new one from a name,
+        made with ``power_t`` and ``alpha``), checked."""
+        return make_schedule(self.schedule, power_t=self.power_t, alpha=self.alpha)
 
     def rates(self, state, n_steps):
         """Learning rates of the next ``n_steps`` updates; advances ``state``.
@@ -118,34 +115,25 @@ class BaseLearningRate(BaseEstimator):
         """
         self._check()
         t = np.arange(state.t + 1, state.t + n_steps + 1, dtype=np.float64)
+        rates = self._get_schedule().rates_at(t, self.eta0, state)
         state.t += n_steps
-        if self.schedule == "invscaling":
-            rates = self.eta0 / t ** self.power_t
-        elif self.schedule == "optimal":
-            rates = 1.0 / (self.alpha * (self._optimal_t0() + t - 1.0))
-        else:
-            rates = np.full(n_steps, float(self.eta0))
-        return rates * state.decay
+        return rates
 
     def __call__(self, t):
-        """Learning rate of update number ``t`` (1-based), before any
-        adaptive decay."""
-        return float(self.rates(ScheduleState(t=int(t) - 1), 1)[0])
+        """Learning rate of update number ``t`` (1-based) of a fresh run
+        (before any adaptive decay)."""
+        self._check()
+        return float(self._get_schedule().rates_at([float(t)], self.eta0)[0])
 
     def trigger_stopping(self, state, verbose=False):
         """Called when training stopped improving; return True to stop.
 
         The ``adaptive`` schedule divides the rate by 5 and goes on until it
-        falls below 1e-6, as scikit-learn's ``SGDOptimizer`` does.
+        falls below 1e-6, as scikit-learn's ``SGDOptimizer`` does; the other
+        schedules stop at once.
         """
-        if self.schedule != "adaptive":
-            return True
-        if self.eta0 * state.decay <= 1e-6:
-            return True
-        state.decay /= 5.0
-        if verbose:
-            print(f"Learning rate set to {self.eta0 * state.decay:g}")
-        return False
+        self._check()
+        return self._get_schedule().trigger_stopping(self.eta0, state, verbose)
 
     # -- update rule -----------------------------------------------------
     def constants(self):
@@ -191,7 +179,7 @@ class LearningRateSGD(BaseLearningRate):
     Parameters
     ----------
     eta0 : float, default=0.01
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='invscaling'
+    schedule : str or BaseSchedule, default='invscaling'
     power_t : float, default=0.25
     alpha : float, default=1e-4
         Used by the ``optimal`` schedule only.
@@ -215,7 +203,7 @@ class LearningRateSGDNesterov(BaseLearningRate):
     eta0 : float, default=0.01
     momentum : float, default=0.9
     nesterov : bool, default=True
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='constant'
+    schedule : str or BaseSchedule, default='constant'
     power_t : float, default=0.25
     alpha : float, default=1e-4
     """
@@ -304,7 +292,7 @@ class LearningRateMomentum(BaseLearningRate):
     weight_decay : float, default=0.0
         L2 term added to the gradient (torch's ``weight_decay``).
     nesterov : bool, default=False
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='constant'
+    schedule : str or BaseSchedule, default='constant'
     power_t : float, default=0.25
     alpha : float, default=1e-4
         Used by the ``optimal`` schedule only.
@@ -371,7 +359,7 @@ class LearningRateAdam(BaseLearningRate):
     weight_decay : float, default=0.0
         L2 term added to the gradient, as torch's Adam (see
         :class:`LearningRateAdamW` for decoupled decay).
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='constant'
+    schedule : str or BaseSchedule, default='constant'
     power_t : float, default=0.25
     alpha : float, default=1e-4
         Used by the ``optimal`` schedule only.
@@ -450,7 +438,7 @@ class LearningRateAdamW(LearningRateAdam):
     beta1, beta2 : float, default=0.9, 0.999
     epsilon : float, default=1e-8
     weight_decay : float, default=1e-2
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='constant'
+    schedule : str or BaseSchedule, default='constant'
     power_t : float, default=0.25
     alpha : float, default=1e-4
         Used by the ``optimal`` schedule only.
@@ -498,7 +486,7 @@ class LearningRateRMSprop(BaseLearningRate):
     weight_decay : float, default=0.0
     momentum : float, default=0.0
     centered : bool, default=False
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='constant'
+    schedule : str or BaseSchedule, default='constant'
     power_t : float, default=0.25
     alpha : float, default=1e-4
         Used by the ``optimal`` schedule only.
@@ -597,7 +585,7 @@ class LearningRateAdagrad(BaseLearningRate):
     initial_accumulator_value : float, default=0.0
         Starting value of ``S``.
     epsilon : float, default=1e-10
-    schedule : {'constant', 'invscaling', 'optimal', 'adaptive'}, default='constant'
+    schedule : str or BaseSchedule, default='constant'
     power_t : float, default=0.25
     alpha : float, default=1e-4
         Used by the ``optimal`` schedule only.
@@ -663,7 +651,11 @@ class LearningRateAdagrad(BaseLearningRate):
 """
 
 
-#: Update rules by name, for ``learning_rate='adam'`` and the like.
+#: Update rules by name, for ``learning_rate='adam'`` and the like: name ->
+#: callable making the rule with its defaults.  scikit-learn's
+#: ``SGDRegressor(learning_rate=...)`` schedule names are accepted too, as
+#: plain SGD with that schedule (``'invscaling'`` is
+#: ``LearningRateSGD(schedule='invscaling')``).
 LEARNING_RATES = {
     "sgd": LearningRateSGD,
     "nesterov": LearningRateSGDNesterov,
@@ -672,13 +664,41 @@ LEARNING_RATES = {
     "adamw": LearningRateAdamW,
     "rmsprop": LearningRateRMSprop,
     "adagrad": LearningRateAdagrad,
+    "constant": functools.partial(LearningRateSGD, schedule="constant"),
+    "optimal": functools.partial(LearningRateSGD, schedule="optimal"),
+    "invscaling": functools.partial(LearningRateSGD, schedule="invscaling"),
+    "adaptive": functools.partial(LearningRateSGD, schedule="adaptive"),
 }
 
 
-def make_learning_rate(learning_rate):
-    """Resolve a name of :data:`LEARNING_RATES` (``'sgd'``, ``'nesterov'``,
-    ``'momentum'``, ``'adam'``, ``'adamw'``, ``'rmsprop'``, ``'adagrad'``:
-    the class with its default parameters) or a :class:`BaseLearningRate`."""
+def make_learning_rate(learning_rate, schedule=None, alpha=None):
+    """The update rule an estimator's parameters name.
+
+    Parameters
+    ----------
+    learning_rate : str or BaseLearningRate
+        A name of :data:`LEARNING_RATES`: ``'sgd'``, ``'nesterov'``,
+        ``'momentum'``, ``'adam'``, ``'adamw'``, ``'rmsprop'``,
+        ``'adagrad'`` (the class with its default parameters) or one of
+        scikit-learn's SGD schedule names ``'constant'``, ``'optimal'``,
+        ``'invscaling'``, ``'adaptive'`` (:class:`LearningRateSGD` with that
+        schedule, as ``SGDRegressor(learning_rate=...)``); or an object,
+        returned as is after checking.
+    schedule : str or BaseSchedule, default=None
+        Replaces the named rule's schedule (see
+        :class:`BaseLearningRate`); None keeps it.  An error with a rule
+        object, which holds its own.
+    alpha : float, default=None
+        The named rule's ``alpha``, which the ``'optimal'`` schedule name
+        uses (scikit-learn's SGD takes it from the estimator's ``alpha``);
+        None keeps the rule's default.  Ignored with a rule object.
+
+    Returns
+    -------
+    BaseLearningRate
+        A new object for a name; the object itself otherwise (never
+        modified).
+    """
     names = ", ".join(repr(n) for n in LEARNING_RATES)
     if isinstance(learning_rate, str):
         if learning_rate not in LEARNING_RATES:
@@ -686,8 +706,20 @@ def make_learning_rate(learning_rate):
                 f"Unknown learning_rate {learning_rate!r}; use one of {names} "
                 "or a BaseLearningRate object."
             )
-        return LEARNING_RATES[learning_rate]()
+        rule = LEARNING_RATES[learning_rate]()
+        if schedule is not None:
+            rule.set_params(schedule=schedule)
+        if alpha is not None:
+            rule.set_params(alpha=alpha)
+        rule._check()
+        return rule
     if isinstance(learning_rate, BaseLearningRate):
+        if schedule is not None:
+            raise ValueError(
+                f"schedule={schedule!r} and learning_rate={learning_rate!r} both set "
+                "the schedule: give it in the object (its schedule) or name the rule "
+                "(learning_rate='sgd', ...) with schedule."
+            )
         learning_rate._check()
         return learning_rate
     raise TypeError(

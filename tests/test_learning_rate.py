@@ -104,8 +104,8 @@ def test_trigger_stopping_other_schedules_stop_at_once(schedule):
 
 
 def test_invalid_hyperparameters():
-    with pytest.raises(ValueError, match="Unknown schedule 'cosine'"):
-        LearningRateSGD(schedule="cosine").rates(ScheduleState(), 1)
+    with pytest.raises(ValueError, match="Unknown schedule 'cosinus'.*'cosine'"):
+        LearningRateSGD(schedule="cosinus").rates(ScheduleState(), 1)
     with pytest.raises(ValueError, match="eta0 must be a positive"):
         make_learning_rate(LearningRateSGD(eta0=0.0))
     with pytest.raises(ValueError, match="momentum must be in"):
