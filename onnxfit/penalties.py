@@ -244,7 +244,9 @@ def make_penalty(penalty, alpha, l1_ratio):
         resolved = {}
         for name, entry in penalty.items():
             if not isinstance(name, str):
-                raise ValueError(f"penalty dict keys are weight names (str), got {name!r}.")
+                # ValueError as for any bad parameter value (scikit-learn's usage)
+                raise ValueError(  # noqa: TRY004
+                    f"penalty dict keys are weight names (str), got {name!r}.")
             resolved[name] = _resolve(entry, alpha, l1_ratio, f" for weight {name!r}")
         return WeightPenalties(resolved)
     penalty = _resolve(penalty, alpha, l1_ratio, "")
