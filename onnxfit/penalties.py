@@ -184,7 +184,8 @@ class WeightPenalties(BasePenalty):
 
     def check_names(self, weight_names):
         """Raise ValueError naming the entries that are not trained weights."""
-        unknown = [name for name in self.penalties if name not in set(weight_names)]
+        known = set(weight_names)
+        unknown = [name for name in self.penalties if name not in known]
         if unknown:
             raise ValueError(
                 f"penalty names weight(s) {unknown} that are not trained; the trained "
