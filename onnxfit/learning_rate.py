@@ -180,9 +180,11 @@ class LearningRateSGD(BaseLearningRate):
     ----------
     eta0 : float, default=0.01
     schedule : str or BaseSchedule, default='invscaling'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
+        Used by ``schedule='invscaling'`` only.
     alpha : float, default=1e-4
-        Used by the ``optimal`` schedule only.
+        Used by ``schedule='optimal'`` only.
     """
 
     def update_body(self):
@@ -204,6 +206,7 @@ class LearningRateSGDNesterov(BaseLearningRate):
     momentum : float, default=0.9
     nesterov : bool, default=True
     schedule : str or BaseSchedule, default='constant'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
     alpha : float, default=1e-4
     """
@@ -293,9 +296,11 @@ class LearningRateMomentum(BaseLearningRate):
         L2 term added to the gradient (torch's ``weight_decay``).
     nesterov : bool, default=False
     schedule : str or BaseSchedule, default='constant'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
+        Used by ``schedule='invscaling'`` only.
     alpha : float, default=1e-4
-        Used by the ``optimal`` schedule only.
+        Used by ``schedule='optimal'`` only.
     """
 
     state_names = ("momentum_buffer",)
@@ -360,9 +365,11 @@ class LearningRateAdam(BaseLearningRate):
         L2 term added to the gradient, as torch's Adam (see
         :class:`LearningRateAdamW` for decoupled decay).
     schedule : str or BaseSchedule, default='constant'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
+        Used by ``schedule='invscaling'`` only.
     alpha : float, default=1e-4
-        Used by the ``optimal`` schedule only.
+        Used by ``schedule='optimal'`` only.
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "step")
@@ -439,9 +446,11 @@ class LearningRateAdamW(LearningRateAdam):
     epsilon : float, default=1e-8
     weight_decay : float, default=1e-2
     schedule : str or BaseSchedule, default='constant'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
+        Used by ``schedule='invscaling'`` only.
     alpha : float, default=1e-4
-        Used by the ``optimal`` schedule only.
+        Used by ``schedule='optimal'`` only.
     """
 
     def __init__(
@@ -487,9 +496,11 @@ class LearningRateRMSprop(BaseLearningRate):
     momentum : float, default=0.0
     centered : bool, default=False
     schedule : str or BaseSchedule, default='constant'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
+        Used by ``schedule='invscaling'`` only.
     alpha : float, default=1e-4
-        Used by the ``optimal`` schedule only.
+        Used by ``schedule='optimal'`` only.
     """
 
     def __init__(
@@ -586,9 +597,11 @@ class LearningRateAdagrad(BaseLearningRate):
         Starting value of ``S``.
     epsilon : float, default=1e-10
     schedule : str or BaseSchedule, default='constant'
+        A name or a schedule object, see :class:`BaseLearningRate`.
     power_t : float, default=0.25
+        Used by ``schedule='invscaling'`` only.
     alpha : float, default=1e-4
-        Used by the ``optimal`` schedule only.
+        Used by ``schedule='optimal'`` only.
     """
 
     def __init__(

@@ -27,17 +27,17 @@ total_iters=warmup_steps - 1)``: the first update already moves, at
 rate.  (``transformers``' warm-up lambdas give ``(t - 1) / warmup_steps``:
 the same ramp one update later, starting with a zero step.)
 
-=========================  ==================================================
-schedule                   ``base(t)``
-=========================  ==================================================
-:class:`ConstantSchedule`  ``eta0``
-:class:`InvScalingSchedule` ``eta0 / t**power_t``
-:class:`OptimalSchedule`   ``1 / (alpha (t0 + t - 1))`` (ignores ``eta0``)
-:class:`AdaptiveSchedule`  ``eta0 * decay``, ``decay`` divided by 5 each time
-                           training stops improving
-:class:`CosineSchedule`    ``eta_min + (eta0 - eta_min) (1 + cos(pi k / T)) / 2``
-:class:`StepSchedule`      ``eta0 * gamma**floor((t - 1) / step_size)``
-=========================  ==================================================
+The schedules and their ``base(t)``:
+
+* :class:`ConstantSchedule`: ``eta0``;
+* :class:`InvScalingSchedule`: ``eta0 / t**power_t``;
+* :class:`OptimalSchedule`: ``1 / (alpha (t0 + t - 1))`` (ignores ``eta0``);
+* :class:`AdaptiveSchedule`: ``eta0 * decay``, ``decay`` divided by 5 each
+  time training stops improving;
+* :class:`CosineSchedule`: ``eta_min + (eta0 - eta_min) (1 + cos(pi k / T)) / 2``
+  with ``k = t - 1 - warmup_steps`` the decay updates done before update
+  ``t`` and ``T`` their total;
+* :class:`StepSchedule`: ``eta0 * gamma**floor((t - 1) / step_size)``.
 
 The first four are scikit-learn's ``SGDRegressor``/``SGDClassifier``
 ``learning_rate`` names, with the same ``t``: ``SGDRegressor`` starts its
@@ -72,7 +72,7 @@ class ScheduleState:
 
     t: int = 0
     decay: float = 1.0
-    total_steps: int = None
+    total_steps: int | None = None
 
 
 def _is_number(value):
