@@ -5,6 +5,7 @@ that write standard ONNX, run by any onnxruntime build); updates come from
 pluggable learning-rate objects.
 """
 
+from .divergence import ConvergenceError
 from .function import OnnxFunction
 from .gradient_check import check_gradients
 from .classifier import OnnxSGDClassifier
@@ -63,4 +64,5 @@ __all__ = [
     "ElasticNetPenalty",
     "OnnxFunction",
     "check_gradients",
+    "ConvergenceError",
 ]

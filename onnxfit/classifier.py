@@ -10,6 +10,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
+from .callbacks import with_callbacks
 from .classifier_graph import (
     analyse_classifier_graph,
     class_key,
@@ -108,6 +109,18 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         None keeps the rule's own default.  Searchable as scikit-learn's
         SGD's (``GridSearchCV(est, {'eta0': [...]})``); an error with an
         update-rule object, which holds its own ``eta0``.
+    schedule : str or schedule object, default=None
+        Learning-rate schedule of the update rule named by
+        ``learning_rate``; None keeps the rule's own.  scikit-learn's names
+        mean what they mean on ``SGDRegressor`` (``'constant'``,
+        ``'invscaling'``, ``'optimal'``, ``'adaptive'``), ``'cosine'``
+        anneals over the fit; objects from :mod:`onnxfit.schedules` add
+        warm-up and step decay.  An error with an update-rule object, which
+        holds its own.
+    max_grad_norm : float, default=None
+        Clip the gradient (all weights together, penalty included) to this
+        global L2 norm before the update, as
+        ``torch.nn.utils.clip_grad_norm_``; None does not clip.
     loss : {'log_loss', 'hinge', 'modified_huber'} or BaseLoss, default='log_loss'
         ``'log_loss'`` is the sigmoid cross-entropy for one logit (or for
         the one-vs-rest sigmoids of a converted ``SGDClassifier``), the
@@ -115,8 +128,12 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         negative log-likelihood when probabilities are trained.
         ``'hinge'`` and ``'modified_huber'`` are ``SGDClassifier``'s margin
         losses (one-vs-rest over the columns); they need raw scores.
-    penalty : {'l2', 'l1', 'elasticnet'}, None or ElasticNetPenalty, default='l2'
-        Applied to weight tensors of rank >= 2 (not biases).
+    penalty : {'l2', 'l1', 'elasticnet'}, None, ElasticNetPenalty or dict, default='l2'
+        Applied to weight tensors of rank >= 2 (not biases).  A dict
+        penalizes weights by name, each as its value says: ``'l2'``,
+        ``'l1'`` or ``'elasticnet'`` (with ``alpha`` and ``l1_ratio``), an
+        ``ElasticNetPenalty`` (its own strength) or None; a named bias is
+        penalized, weights left out are not.
     alpha : float, default=1e-4
     l1_ratio : float, default=0.15
     batch_size : int, default=64
@@ -130,19 +147,28 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     shuffle : bool, default=True
     random_state : int, RandomState or None, default=None
     early_stopping : bool, default=False
-        Hold out a stratified ``validation_fraction`` of the data, stop on
-        its accuracy and keep the weights of the best epoch.
+        Stop when the validation score (see ``scoring``) has not improved
+        by ``tol`` for ``n_iter_no_change`` epochs, and keep the weights of
+        the best epoch.  The validation data is ``fit``'s ``eval_set`` (or
+        ``X_val``/``y_val``) when given, else ``validation_fraction`` of X
+        held out.
     validation_fraction : float, default=0.1
-    class_weight : dict, 'balanced' or None, default=None
-        Weights of the classes, multiplied with ``sample_weight``.  A dict is
-        rescaled to average 1 over ``classes_`` (classes it omits weigh 1):
-        only the ratios matter, so its scale does not change the step size.
-        ``'balanced'`` uses ``n_samples / (n_classes * np.bincount(y))`` and
-        is not available to ``partial_fit`` (as in ``SGDClassifier``).
+    scoring : str, callable or None, default=None
+        What early stopping maximises on the validation data: None, the
+        accuracy (``score``); ``'loss'``, the validation loss (minimised);
+        any scikit-learn scorer name or callable ``scorer(estimator, X, y)``.
+    on_divergence : {'raise', 'warn'}, default='raise'
+        When a step's loss becomes non-finite or explodes (over a million
+        times the loss at the starting weights, see
+        :mod:`onnxfit.divergence`): ``'raise'`` a :class:`ConvergenceError`
+        naming the likely cause and leave the estimator as it was before
+        the call; ``'warn'`` stop with a ``ConvergenceWarning`` and keep the
+        weights from before the diverging epoch.
     warm_start : bool, default=False
         ``fit`` starts from the weights of the previous fit.
     verbose : int, default=0
-        Show a progress bar with the current loss.
+        1: a progress bar over epochs with the current loss; 2: a second
+        bar over the updates of each epoch.
     engine : {'fused', 'forward_backward'}, default='fused'
     n_threads : int or None, default=None
         onnxruntime intra-op threads.  None is onnxruntime's default, one
@@ -183,7 +209,10 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     loss_curve_ : list of float
         Mean training objective (loss + penalty) per epoch.
     validation_scores_ : list of float or None
-        Validation accuracy per epoch, with early stopping.
+        Validation score per epoch (the accuracy, or ``scoring``'s), with
+        early stopping or validation data; None otherwise.
+    validation_loss_curve_ : list of float or None
+        Mean validation loss per epoch (no penalty), likewise.
     n_iter_ : int
     t_ : int
         Weight updates (mini-batches) done.
@@ -212,27 +241,32 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         loss_output=None, input_columns=None, train_mode=True, learning_rate="nesterov",
-        eta0=None, loss="log_loss", penalty="l2", alpha=1e-4,
-        l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
+        eta0=None, schedule=None, max_grad_norm=None, loss="log_loss", penalty="l2",
+        alpha=1e-4, l1_ratio=0.15, batch_size=64, max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
-        validation_fraction=0.1, class_weight=None, warm_start=False, verbose=0,
-        engine="fused", n_threads=None, gradient_backend="onnxfit", device="cpu",
+        validation_fraction=0.1, scoring=None, on_divergence="raise", class_weight=None,
+        warm_start=False, verbose=0, engine="fused", n_threads=None,
+        gradient_backend="onnxfit", device="cpu",
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
             loss_output=loss_output, input_columns=input_columns, train_mode=train_mode,
-            learning_rate=learning_rate, eta0=eta0, loss=loss, penalty=penalty, alpha=alpha,
+            learning_rate=learning_rate, eta0=eta0, schedule=schedule,
+            max_grad_norm=max_grad_norm, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
+            scoring=scoring, on_divergence=on_divergence,
             warm_start=warm_start, verbose=verbose, engine=engine, n_threads=n_threads,
             gradient_backend=gradient_backend, device=device,
         )
         self.class_weight = class_weight
 
     # -- training -------------------------------------------------------------
+    @with_callbacks
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, classes=None, sample_weight=None):
+    def partial_fit(self, X, y, classes=None, sample_weight=None, *, eval_set=None, X_val=None,
+                    y_val=None):
         """Run one epoch over ``(X, y)``, continuing from the current state.
 
         Parameters
@@ -246,6 +280,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             Every class of the problem; required on the first call (``y``
             need not contain them all), optional afterwards.
         sample_weight : array-like of shape (n_samples,), default=None
+        eval_set, X_val, y_val : default=None
+            Validation data whose loss and score are recorded for this
+            epoch (see :meth:`fit`).
 
         Returns
         -------
@@ -263,7 +300,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
                 "y=y) and pass them as a dict."
             )
         return self._partial_fit(
-            X, y, sample_weight, max_iter=1, reset=False, classes=classes
+            X, y, sample_weight, max_iter=1, reset=False, classes=classes,
+            validation=(eval_set, X_val, y_val),
         )
 
     def _validate_targets(self, y, reset, classes=None):
@@ -361,9 +399,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         except ValueError:  # a class too small to stratify: plain split
             return super()._validation_split(n_samples, y, rng)
 
-    def _validation_score(self, inputs, y, weights, statistics):
-        columns = self._columns_of(self._predict_raw(inputs, weights, statistics),
-                                   self._graph_info.link)
+    def _score_output(self, output, y):
+        columns = self._columns_of(output, self._graph_info.link)
         return accuracy_score(column_or_1d(y), self.classes_[self._class_of_column[columns]])
 
     # -- the graph --------------------------------------------------------------

@@ -459,10 +459,17 @@ def cmd_train(args):
           f"{', '.join(trainable)}" + (f" (frozen: {', '.join(args.freeze)})"
                                        if args.freeze else ""))
     sys.stdout.flush()
-    try:
-        estimator.fit(X, y)
-    except GradientError as exc:
-        raise CommandError(f"{_one_line(exc)} {_freeze_hint(estimator, args.model)}") from exc
+    # Warnings (ConvergenceWarning) are shown after the fit, not in the bar.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            estimator.fit(X, y)
+        except GradientError as exc:
+            raise CommandError(
+                f"{_one_line(exc)} {_freeze_hint(estimator, args.model)}") from exc
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename,
+                             warning.lineno)
     for line in _epoch_lines(estimator, task):
         print(line)
     max_iter = estimator.get_params()["max_iter"]

@@ -6,9 +6,11 @@ reset followed by the same ``_partial_fit`` loop that ``partial_fit`` runs
 for one epoch: there is one path for all training.
 """
 
+import copy
 import hashlib
 import os
 import warnings
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
@@ -21,14 +23,24 @@ from sklearn.utils import assert_all_finite, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from .callbacks import CallbackSupportMixin, EpochCallbacks, with_callbacks
+from .divergence import (
+    REFERENCE_SAMPLES,
+    ConvergenceError,
+    divergence_message,
+    likely_causes,
+    loss_limit,
+)
 from .engines import ENGINES, TrainingProblem, make_engine
+from .engines.problem import LABEL
+from .engines.steps import declare_input
 from .gradient import BACKENDS, check_backend
 from .inputs import InputSpec, is_input_dict, n_samples, take_rows, to_graph_inputs
 from .learning_rate import LEARNING_RATES, BaseLearningRate, ScheduleState, make_learning_rate
 from .losses import BaseLoss, GraphLoss
 from .model import OnnxModel, load_onnx, normalise_model
-from .onnx_graphs import onnx_elem_type
-from .penalties import ElasticNetPenalty, make_penalty
+from .onnx_graphs import append_piece, onnx_elem_type, set_outputs
+from .penalties import BasePenalty, make_penalty
 from .sessions import check_device, make_session, parse_device
 from .training_mode import (
     TrainingGraph,
@@ -54,6 +66,7 @@ class _Runtime:
         self.training_graph = None
         self.predict_model = None
         self.predict_session = None
+        self.loss_session = None
         self.export_session = None
         self.engine = None
         self.engine_key = None
@@ -131,7 +144,64 @@ class _StoppingRule:
         self.no_improvement = 0
 
 
-class BaseOnnxSGD(BaseEstimator):
+@dataclass
+class _Validation:
+    """Validation data as training takes it: the graph ``inputs``, the
+    targets ``y`` as validated, the encoded ``labels``, and ``X`` for
+    scorers (the user's X_val, or a dict of inputs for a held-out split)."""
+
+    inputs: dict
+    y: np.ndarray
+    labels: np.ndarray
+    X: object
+
+
+def _from_attributes(estimator, attributes):
+    """A shallow copy of ``estimator`` with ``attributes`` set (scikit-learn's
+    callbacks make their ``fitted_estimator`` the same way)."""
+    view = copy.copy(estimator)
+    for name, value in attributes.items():
+        setattr(view, name, value)
+    return view
+
+
+class _Progress:
+    """``verbose`` display: 1, a tqdm bar over epochs with the loss; 2 and
+    more, a tqdm bar over the updates of each epoch as well."""
+
+    def __init__(self, estimator, max_iter, n_batches):
+        self.epochs = self.steps = None
+        self.n_batches = n_batches
+        if not estimator.verbose:
+            return
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        name = type(estimator).__name__
+        self.epochs = tqdm(total=max_iter, desc=name, unit="epoch")
+        if estimator.verbose >= 2:
+            self.steps = tqdm(total=n_batches, desc="updates", unit="batch", leave=False)
+
+    def step(self, index, loss):
+        if self.steps is not None:
+            self.steps.update(1)
+            if index % 16 == 0:
+                self.steps.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def epoch(self, loss):
+        if self.epochs is not None:
+            self.epochs.update(1)
+            self.epochs.set_postfix(loss=f"{loss:.6g}")
+        if self.steps is not None:
+            self.steps.reset(total=self.n_batches)
+
+    def close(self):
+        for bar in (self.steps, self.epochs):
+            if bar is not None:
+                bar.close()
+
+
+class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
     """Base class of the onnxfit estimators (not to be used directly)."""
 
     _parameter_constraints = {
@@ -143,8 +213,10 @@ class BaseOnnxSGD(BaseEstimator):
         "train_mode": ["boolean"],
         "learning_rate": [StrOptions(set(LEARNING_RATES)), BaseLearningRate],
         "eta0": [Interval(Real, 0, None, closed="neither"), None],
+        "schedule": [str, BaseEstimator, None],
+        "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
         "loss": [str, BaseLoss],
-        "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, ElasticNetPenalty],
+        "penalty": [StrOptions({"l2", "l1", "elasticnet"}), None, BasePenalty, dict],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "l1_ratio": [Interval(Real, 0, 1, closed="both")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -155,6 +227,8 @@ class BaseOnnxSGD(BaseEstimator):
         "random_state": ["random_state"],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "scoring": [None, str, callable],
+        "on_divergence": [StrOptions({"raise", "warn"})],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
         "engine": [StrOptions(set(ENGINES))],
@@ -166,11 +240,12 @@ class BaseOnnxSGD(BaseEstimator):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
-        eta0=None, loss="squared_error", penalty="l2", alpha=1e-4,
-        l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
+        eta0=None, schedule=None, max_grad_norm=None, loss="squared_error", penalty="l2",
+        alpha=1e-4, l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
-        validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=None, gradient_backend="onnxfit", device="cpu",
+        validation_fraction=0.1, scoring=None, on_divergence="raise", warm_start=False,
+        verbose=0, engine="fused", n_threads=None, gradient_backend="onnxfit",
+        device="cpu",
     ):
         # The parameters both estimators share, assigned in one place (as
         # scikit-learn's BaseSGD); each estimator's __init__ lists them again
@@ -183,6 +258,8 @@ class BaseOnnxSGD(BaseEstimator):
         self.train_mode = train_mode
         self.learning_rate = learning_rate
         self.eta0 = eta0
+        self.schedule = schedule
+        self.max_grad_norm = max_grad_norm
         self.loss = loss
         self.penalty = penalty
         self.alpha = alpha
@@ -195,6 +272,8 @@ class BaseOnnxSGD(BaseEstimator):
         self.random_state = random_state
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.scoring = scoring
+        self.on_divergence = on_divergence
         self.warm_start = warm_start
         self.verbose = verbose
         self.engine = engine
@@ -218,8 +297,8 @@ class BaseOnnxSGD(BaseEstimator):
         """The linear graph used when ``onnx_model`` is None."""
         raise NotImplementedError
 
-    def _validation_score(self, inputs, y_true_raw, weights, statistics):
-        """Score of ``weights`` and running ``statistics`` on validation data."""
+    def _score_output(self, output, y):
+        """Score (R² or accuracy) of the trained ``output`` against ``y``."""
         raise NotImplementedError
 
     def _validation_split(self, n_samples, y, rng):
@@ -229,13 +308,17 @@ class BaseOnnxSGD(BaseEstimator):
         return next(splitter.split(np.zeros(n_samples), y))
 
     # -- fitting ------------------------------------------------------------
+    @with_callbacks
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, *, eval_set=None, X_val=None, y_val=None,
+            initial_weights=None):
         """Train the graph on ``(X, y)``, starting from its initial weights.
 
         With ``warm_start=True`` training starts from the weights of the
         previous fit instead (the learning-rate schedule and update-rule
-        state restart).
+        state restart).  If training fails (a :class:`ConvergenceError`, any
+        exception, an interruption), the estimator is left as it was before
+        the call.
 
         Parameters
         ----------
@@ -245,6 +328,19 @@ class BaseOnnxSGD(BaseEstimator):
             input's per-sample shape, or a dict ``{input name: array}``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         sample_weight : array-like of shape (n_samples,), default=None
+        eval_set : list of one (X_val, y_val) pair, default=None
+            Validation data (the convention of XGBoost and LightGBM): its
+            loss and score are recorded after every epoch
+            (``validation_loss_curve_``, ``validation_scores_``), and early
+            stopping monitors it instead of holding out
+            ``validation_fraction`` of X.
+        X_val, y_val : default=None
+            The same, under scikit-learn's names (``HistGradientBoosting``);
+            a ``Pipeline(..., transform_input=['X_val'])`` transforms X_val
+            with the steps before the estimator.
+        initial_weights : dict of str -> array-like, default=None
+            Values to start from for some or all trained weights (the
+            graph's own values for the others).
 
         Returns
         -------
@@ -254,30 +350,48 @@ class BaseOnnxSGD(BaseEstimator):
         return self._partial_fit(
             X, y, sample_weight, max_iter=self.max_iter, reset=True,
             keep_weights=keep_weights, use_early_stopping=self.early_stopping,
+            validation=(eval_set, X_val, y_val), initial_weights=initial_weights,
         )
 
     def _partial_fit(
         self, X, y, sample_weight, max_iter, reset, keep_weights=False,
-        use_early_stopping=False, classes=None,
+        use_early_stopping=False, classes=None, validation=(None, None, None),
+        initial_weights=None,
     ):
         first_call = not hasattr(self, "weights_")
-        # Everything up to the first update only validates and prepares
-        # (building the training graphs refuses what cannot be differentiated):
-        # if it fails, the estimator keeps the previous fit, untouched.
-        previous = dict(self.__dict__)
+        # Whatever happens until the call returns, a failure leaves the
+        # estimator as it was: training replaces fitted attributes rather
+        # than changing them in place, except the few _snapshot copies.
+        previous = self._snapshot()
         try:
-            prepared = self._prepare_training(
+            inputs, y, labels, sample_weight, uniform = self._prepare_training(
                 X, y, sample_weight, reset, keep_weights, first_call, classes
             )
+            if initial_weights is not None:
+                self.weights_ = {**self.weights_, **self._checked_weights(
+                    initial_weights, "initial_weights", partial=True)}
+            validation = self._validation_data(*validation)
             self._get_engine()
-        except Exception:
+            if first_call or reset or getattr(self, "_loss_reference", None) is None:
+                self._loss_reference = self._reference_loss(inputs, labels)
+            return self._run_epochs(
+                inputs, y, labels, sample_weight, uniform, max_iter, use_early_stopping,
+                validation, callbacks_data=(X, y), use_all_epochs=reset,
+            )
+        except BaseException:
             self.__dict__.clear()
             self.__dict__.update(previous)
             raise
-        inputs, y, labels, sample_weight, uniform = prepared
-        return self._run_epochs(
-            inputs, y, labels, sample_weight, uniform, max_iter, use_early_stopping
-        )
+
+    def _snapshot(self):
+        """The estimator's attributes, with copies of those training changes
+        in place (the rest is replaced, never mutated)."""
+        state = dict(self.__dict__)
+        for name in ("loss_curve_", "validation_scores_", "validation_loss_curve_",
+                     "_schedule_state", "_rng"):
+            if state.get(name) is not None:
+                state[name] = copy.deepcopy(state[name])
+        return state
 
     def _prepare_training(self, X, y, sample_weight, reset, keep_weights, first_call, classes):
         """Validate the data and (on a reset) rebuild the model and state.
@@ -422,28 +536,31 @@ class BaseOnnxSGD(BaseEstimator):
         return to_graph_inputs(self, X, y, specs, self.input_columns, reset, **check)
 
     def _run_epochs(self, inputs, y, labels, sample_weight, uniform, max_iter,
-                    use_early_stopping):
+                    use_early_stopping, validation=None, callbacks_data=(None, None),
+                    use_all_epochs=False):
         """The training loop shared by ``fit`` and ``partial_fit``."""
         engine = self._get_engine()
         engine.set_state(self.weights_, self._update_state, self.running_statistics_)
-        schedule_state = self._schedule_state
-        learning_rate = self._learning_rate
-        rng = self._rng
-        validation = None
-        if use_early_stopping:
+        schedule_state, learning_rate, rng = self._schedule_state, self._learning_rate, self._rng
+        if use_early_stopping and validation is None:
             (inputs, labels, sample_weight), validation = self._hold_out(
                 inputs, y, labels, sample_weight)
+        if validation is not None and self.validation_scores_ is None:
+            self.validation_scores_, self.validation_loss_curve_ = [], []
         n = n_samples(inputs)
         batch_size = self._batch_size(n)
         n_batches = engine.n_steps(n, batch_size)
-        progress = None
-        if self.verbose:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=max_iter, desc=type(self).__name__, unit="epoch")
+        if use_all_epochs:
+            # What a schedule over "the whole fit" (cosine) spans.
+            schedule_state.total_steps = max_iter * n_batches
+        limit = loss_limit(self._loss_reference)
         stopping = _StoppingRule(self.tol, self.n_iter_no_change)
+        callbacks = EpochCallbacks(self, *callbacks_data, max_iter, self._fitted_view)
+        progress = _Progress(self, max_iter, n_batches)
         try:
             for _ in range(max_iter):
+                callbacks.begin_epoch()
+                before = engine.get_state() if self.on_divergence == "warn" else None
                 # intp indices: int32 would save half of this array's memory
                 # but cost 7 % of a linear model's epoch (a cast in every take,
                 # a slower shuffle).
@@ -451,31 +568,29 @@ class BaseOnnxSGD(BaseEstimator):
                 rates = learning_rate.rates(schedule_state, n_batches)
                 loss = engine.run_epoch(
                     inputs, labels, None if uniform else sample_weight, order, batch_size,
-                    rates, rng=rng,
+                    rates, rng=rng, loss_limit=limit,
+                    on_step=progress.step if progress.steps is not None else None,
                 )
+                if engine.diverged_at is not None:
+                    self._diverged(engine, before, inputs, y)
+                    break
                 self.n_iter_ += 1
                 self.t_ += n_batches
-                if not np.isfinite(loss):
-                    raise ValueError(
-                        f"Floating-point overflow: the loss became {loss} at epoch "
-                        f"{self.n_iter_}. Scale the input (StandardScaler) or lower the "
-                        "learning rate."
-                    )
                 self.loss_curve_.append(loss)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.6g}")
+                progress.epoch(loss)
                 if validation is None:
                     improved = stopping.lower_is_better(loss)
                 else:
                     state = engine.get_state()
-                    score = self._validation_score(*validation, state[0], state[2])
-                    self.validation_scores_.append(score)
-                    improved = stopping.higher_is_better(score, state)
+                    improved = stopping.higher_is_better(
+                        self._validate_epoch(validation, state), state)
+                stop = callbacks.end_epoch()
                 if stopping.patience_ran_out(improved):
                     if learning_rate.trigger_stopping(schedule_state, self.verbose):
                         break
                     stopping.reset()
+                if stop:
+                    break
             else:
                 if max_iter > 1 and self.tol is not None:
                     warnings.warn(
@@ -483,21 +598,76 @@ class BaseOnnxSGD(BaseEstimator):
                         "convergence. Consider increasing max_iter.",
                         ConvergenceWarning,
                     )
-        finally:
-            if progress is not None:
-                progress.close()
-            self.weights_, self._update_state, self.running_statistics_ = engine.get_state()
+            if engine.diverged_at is None:
+                self.weights_, self._update_state, self.running_statistics_ = \
+                    engine.get_state()
+            if stopping.best_state is not None:
+                # The best epoch's weights with their own update-rule state, so
+                # that a later partial_fit continues from that epoch.
+                self.weights_, self._update_state, self.running_statistics_ = \
+                    stopping.best_state
             self._runtime.export_session = None
-        if stopping.best_state is not None:
-            # The best epoch's weights with their own update-rule state, so
-            # that a later partial_fit continues from that epoch.
-            self.weights_, self._update_state, self.running_statistics_ = stopping.best_state
-        self.best_loss_ = stopping.best_loss
+            self.best_loss_ = stopping.best_loss
+            callbacks.end_fit()
+        finally:
+            progress.close()
         return self
+
+    def _diverged(self, engine, before, inputs, y):
+        """A step's loss diverged (see :mod:`onnxfit.divergence`): raise a
+        :class:`ConvergenceError`, or, with ``on_divergence='warn'``, warn
+        and keep the state from before the diverging epoch."""
+        step = engine.diverged_at + 1
+        loss = engine.step_losses[-1]
+        epoch = self.n_iter_ + 1
+        causes = likely_causes(
+            inputs=inputs, y=y if self._label_input is None else None,
+            regression=self._y_numeric, learning_rate=self._learning_rate,
+            has_dropout=bool(self._get_training_graph().masks),
+        )
+        message = divergence_message(loss, self._loss_reference, epoch, step, causes)
+        if self.on_divergence == "raise":
+            raise ConvergenceError(message, epoch=epoch, step=step, loss=loss,
+                                   reference=self._loss_reference)
+        warnings.warn(message.replace(
+            "The estimator was left as it was before this call; with "
+            "on_divergence='warn', training stops with a warning and keeps",
+            "Training stopped (on_divergence='warn') and keeps"), ConvergenceWarning)
+        engine.set_state(*before)
+        self.weights_, self._update_state, self.running_statistics_ = before
+
+    def _validate_epoch(self, validation, state):
+        """Record the validation loss and score of ``state``; return the
+        value early stopping maximises (see ``scoring``)."""
+        weights, _, statistics = state
+        losses, output = self._sample_losses(validation.inputs, validation.labels,
+                                             weights, statistics, with_output=True)
+        loss = float(np.mean(losses)) if losses.ndim else float(losses)
+        self.validation_loss_curve_.append(loss)
+        if self.scoring is None or self.scoring == "loss":
+            score = self._score_output(output, validation.y)
+        else:
+            from sklearn.metrics import check_scoring
+
+            scorer = check_scoring(self, scoring=self.scoring)
+            view = _from_attributes(self, self._fitted_view(weights, statistics))
+            score = float(scorer(view, validation.X, validation.y))
+        self.validation_scores_.append(score)
+        return -loss if self.scoring == "loss" else score
+
+    def _fitted_view(self, weights=None, statistics=None):
+        """Attributes that make a copy of the estimator predict with
+        ``weights`` and ``statistics`` (default: the engine's current ones),
+        for callbacks and scorers (see :func:`_from_attributes`)."""
+        if weights is None:
+            weights, _, statistics = self._get_engine().get_state()
+        runtime = _Runtime()
+        runtime.model = self._runtime.model
+        return {"weights_": weights, "running_statistics_": statistics, "_runtime": runtime}
 
     def _hold_out(self, inputs, y, labels, sample_weight):
         """Early stopping's split: ``(inputs, labels, sample_weight)`` of
-        the training part, and ``(inputs, y)`` of the validation part."""
+        the training part, and the :class:`_Validation` part."""
         n = n_samples(inputs)
         train_idx, val_idx = self._validation_split(n, y, self._rng)
         if len(val_idx) == 0 or len(train_idx) == 0:
@@ -505,12 +675,155 @@ class BaseOnnxSGD(BaseEstimator):
                 f"validation_fraction={self.validation_fraction} leaves an empty "
                 f"training or validation set for {n} samples."
             )
-        # Validation runs the prediction, which reads no label input.
-        predicted = {k: v for k, v in inputs.items() if k != self._label_input}
-        validation = (take_rows(predicted, val_idx), y[val_idx])
+        validation_inputs = take_rows(inputs, val_idx)
+        # Predictions (a scorer's X) read no label input.
+        predicted = {k: v for k, v in validation_inputs.items() if k != self._label_input}
+        validation = _Validation(validation_inputs, y[val_idx], labels[val_idx], predicted)
         if sample_weight is not None:
             sample_weight = sample_weight[train_idx]
         return (take_rows(inputs, train_idx), labels[train_idx], sample_weight), validation
+
+    def _validation_data(self, eval_set, X_val, y_val):
+        """The :class:`_Validation` of ``fit``'s validation arguments, or None."""
+        if eval_set is not None:
+            if X_val is not None or y_val is not None:
+                raise ValueError("Give the validation data once: eval_set or X_val/y_val.")
+            pairs = list(eval_set)
+            if len(pairs) != 1 or len(pairs[0]) != 2:
+                raise ValueError(
+                    "eval_set must be a list of one (X_val, y_val) pair, as "
+                    f"eval_set=[(X_val, y_val)]; got {len(pairs)} item(s)."
+                )
+            X_val, y_val = pairs[0]
+        elif (X_val is None) != (y_val is None):
+            raise ValueError("X_val and y_val go together: give both or neither.")
+        if X_val is None:
+            return None
+        inputs, y, labels = self._evaluation_inputs(X_val, y_val, "X_val", "y_val")
+        return _Validation(inputs, y, labels, X_val)
+
+    def _evaluation_inputs(self, X, y, x_name="X", y_name="y"):
+        """Data to evaluate the fitted graph on: ``(inputs, y, labels)`` as
+        training takes them (see :meth:`_prepare_training`)."""
+        with config_context(assume_finite=True):
+            inputs, y = to_graph_inputs(
+                self, X, y, self._input_specs(), self.input_columns, reset=False,
+                multi_output=True, y_numeric=self._y_numeric)
+        for name, values in inputs.items():
+            assert_finite(values, x_name if len(inputs) == 1 else f"{x_name}[{name!r}]", self)
+        assert_finite(y, y_name, self)
+        labels = self._encode_labels(self._validate_targets(y, reset=False))
+        if labels.dtype.kind not in "iu":
+            labels = labels.reshape((len(labels),) + self.label_shape_).astype(
+                self.dtype_, copy=False)
+        if self._label_input is not None:
+            inputs[self._label_input] = self._graph_labels(labels, self._label_spec())
+        return inputs, y, labels
+
+    # -- losses -----------------------------------------------------------------
+    def losses(self, X, y, sample_weight=None):
+        """Each sample's loss under the trained model.
+
+        Computed by the loss piece training minimises (or the graph's own
+        per-sample loss, with ``loss_output``), in inference behaviour
+        (Dropout off, BatchNormalization on its running statistics), without
+        the penalty: sort by it to find the hardest examples.
+
+        Parameters
+        ----------
+        X : array-like or dict
+            As for :meth:`fit`.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Multiplies each sample's loss.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float64
+        """
+        check_is_fitted(self, "weights_")
+        if self._label_input is not None and self._loss_shape is None:
+            raise ValueError(
+                f"The graph's loss {self._loss_output!r} is a scalar (a mean over the "
+                "batch): it has no per-sample values. Export the graph with one loss per "
+                "sample (reduction='none' in PyTorch) to get them."
+            )
+        inputs, _, labels = self._evaluation_inputs(X, y)
+        losses = self._sample_losses(inputs, labels, self.weights_, self.running_statistics_)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, losses[:, None],
+                                                 dtype=np.float64)
+            losses = losses * sample_weight
+        return losses
+
+    def _reference_loss(self, inputs, labels):
+        """The divergence rule's reference: the mean loss at the current
+        weights on the first samples (see :mod:`onnxfit.divergence`)."""
+        rows = slice(0, min(REFERENCE_SAMPLES, len(labels)))
+        losses = self._sample_losses(take_rows(inputs, rows), labels[rows], self.weights_,
+                                     self.running_statistics_)
+        reference = float(np.mean(losses))
+        return reference if np.isfinite(reference) else np.inf
+
+    def _sample_losses(self, inputs, labels, weights, statistics, with_output=False):
+        """Per-sample losses (float64, or the scalar of a graph's scalar
+        loss) of ``weights``; with ``with_output``, also the trained output."""
+        session, names = self._get_loss_session()
+        chunk = 4096
+        losses, outputs = [], []
+        for start in range(0, len(labels), chunk):
+            rows = slice(start, start + chunk)
+            feeds = take_rows(inputs, rows)
+            if self._label_input is None:
+                feeds[LABEL] = self._dense_labels(labels[rows])
+            feeds.update(weights)
+            feeds.update(statistics)
+            loss, output = session.run(names, feeds)
+            losses.append(loss.reshape(len(loss), -1).sum(axis=1) if loss.ndim else loss)
+            outputs.append(output)
+        if losses and losses[0].ndim == 0:  # a scalar graph loss: one value per chunk
+            sizes = [len(o) for o in outputs]
+            loss = np.average(np.asarray(losses, dtype=np.float64), weights=sizes)
+        else:
+            loss = np.concatenate(losses).astype(np.float64)
+        return (loss, np.concatenate(outputs)) if with_output else loss
+
+    def _dense_labels(self, labels):
+        """Labels as the loss piece reads them: one-hot rows for class
+        column indices (see ``_encode_labels``), else as they are."""
+        if labels.dtype.kind not in "iu":
+            return labels
+        width = int(np.prod(self.label_shape_))
+        dense = np.zeros((len(labels), width), dtype=self.dtype_)
+        dense[np.arange(len(labels)), labels] = 1
+        return dense.reshape((len(labels),) + self.label_shape_)
+
+    def _get_loss_session(self):
+        """A session computing each sample's loss and the trained output, in
+        inference behaviour: ``(session, [loss name, output name])``."""
+        runtime = self._runtime
+        if runtime.loss_session is None:
+            output = self.trained_output_
+            if self._label_input is not None:
+                model = self._get_model().forward_model(sample_shapes=self.input_shapes_)
+                if self.train_mode:
+                    model = inference_graph(model)
+                    statistics_as_inputs(model.graph, self.running_statistics_)
+                loss = self._loss_output
+                elem = onnx_elem_type(self.dtype_)
+                set_outputs(model.graph, [(loss, elem, None), (output, elem, None)])
+            else:
+                model = onnx.ModelProto()
+                model.CopyFrom(self._get_predict_model())
+                piece = self._make_loss().per_sample_piece(self.dtype_)
+                declare_input(model.graph, LABEL, self.dtype_, ["N", *self.label_shape_])
+                loss = append_piece(model.graph, piece, "onnxfit.losses.",
+                                    {"prediction": output, "label": LABEL})["losses"]
+                elem = onnx_elem_type(self.dtype_)
+                set_outputs(model.graph, [(loss, elem, ["N"]), (output, elem, None)])
+            runtime.loss_session = (
+                make_session(model, self.n_threads, self.dtype_, self._device()), [loss, output])
+        return runtime.loss_session
 
     def _batch_size(self, n_samples):
         """Samples per update for a call on ``n_samples`` samples.
@@ -608,6 +921,8 @@ class BaseOnnxSGD(BaseEstimator):
         self.t_ = 0
         self.loss_curve_ = []
         self.validation_scores_ = [] if self.early_stopping else None
+        self.validation_loss_curve_ = [] if self.early_stopping else None
+        self._loss_reference = None
 
     def _current_model_spec(self, with_source=True):
         """What defines the trained graph: the model (by content, unless
@@ -719,7 +1034,7 @@ class BaseOnnxSGD(BaseEstimator):
 
     def _update_rule(self):
         """The update-rule object ``learning_rate`` names, with ``eta0``."""
-        rule = make_learning_rate(self.learning_rate)
+        rule = make_learning_rate(self.learning_rate, schedule=self.schedule, alpha=self.alpha)
         if self.eta0 is not None:
             if not isinstance(self.learning_rate, str):
                 raise ValueError(
@@ -761,6 +1076,7 @@ class BaseOnnxSGD(BaseEstimator):
             n_threads=self.n_threads,
             gradient_backend=self.gradient_backend,
             device=parse_device(self.device),
+            max_grad_norm=self.max_grad_norm,
         )
 
     def _get_engine(self):
@@ -768,7 +1084,7 @@ class BaseOnnxSGD(BaseEstimator):
         runtime = self._runtime
         pieces = self._training_pieces()
         key = (self.engine, *map(_params_key, pieces), self.n_threads, self.gradient_backend,
-               str(parse_device(self.device)))
+               str(parse_device(self.device)), self.max_grad_norm)
         if runtime.engine is None or runtime.engine_key != key:
             problem = self._build_problem(pieces)
             runtime.engine = make_engine(self.engine, problem)
@@ -844,6 +1160,123 @@ class BaseOnnxSGD(BaseEstimator):
         """
         check_is_fitted(self, "weights_")
         return self._get_engine().graphs()
+
+    # -- state in and out -------------------------------------------------------
+    def get_state(self):
+        """Everything a continued training needs, as a dict of arrays.
+
+        Returns
+        -------
+        dict
+            ``'weights'`` (name -> array), ``'update_state'`` (weight ->
+            state name -> array: the update rule's velocities, moments...),
+            ``'running_statistics'`` (name -> array), ``'schedule'``
+            (``{'t': updates done, 'decay': adaptive factor, ...}``),
+            ``'n_iter'``, ``'t'`` and ``'random_state'`` (the shuffling and
+            Dropout generator's state).  Copies: changing them changes
+            nothing in the estimator.  :meth:`set_state` takes it back, and
+            a fit continued from it equals one that never stopped.
+        """
+        check_is_fitted(self, "weights_")
+        return copy.deepcopy({
+            "weights": self.weights_,
+            "update_state": self._update_state,
+            "running_statistics": self.running_statistics_,
+            "schedule": dict(vars(self._schedule_state)),
+            "n_iter": self.n_iter_,
+            "t": self.t_,
+            "random_state": self._rng.get_state(legacy=False),
+        })
+
+    def set_state(self, state):
+        """Load weights and training state (as :meth:`get_state` gives them)
+        into a fitted estimator of the same graph.
+
+        Parameters
+        ----------
+        state : dict
+            ``'weights'`` is required; the other entries of
+            :meth:`get_state` are optional (missing ones keep their current
+            value).  Nothing in ``state`` is modified or kept by reference.
+
+        Returns
+        -------
+        self
+        """
+        check_is_fitted(self, "weights_")
+        if not isinstance(state, dict) or "weights" not in state:
+            raise ValueError("state must be a dict with a 'weights' entry, as get_state gives.")
+        known = {"weights", "update_state", "running_statistics", "schedule", "n_iter", "t",
+                 "random_state"}
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise ValueError(f"Unknown state entries {unknown}; expected some of {sorted(known)}.")
+        weights = self._checked_weights(state["weights"], "state['weights']", partial=False)
+        update_state = self._update_state
+        if "update_state" in state:
+            rule_states = {w: set(s) for w, s in self._update_state.items()}
+            given = state["update_state"]
+            if not isinstance(given, dict) or {w: set(s) for w, s in given.items()} != rule_states:
+                raise ValueError(
+                    "state['update_state'] does not hold the state of this estimator's update "
+                    f"rule ({type(self._update_rule()).__name__}: "
+                    f"{sorted(next(iter(rule_states.values()), []))} per weight)."
+                )
+            update_state = {w: {k: self._checked_array(v, self.weights_[w].shape,
+                                                       f"state['update_state'][{w!r}][{k!r}]")
+                                for k, v in s.items()} for w, s in given.items()}
+        statistics = self.running_statistics_
+        if "running_statistics" in state:
+            given = state["running_statistics"]
+            if set(given) != set(statistics):
+                raise ValueError(
+                    f"state['running_statistics'] has {sorted(given)}, the graph "
+                    f"{sorted(statistics)}."
+                )
+            statistics = {k: self._checked_array(v, statistics[k].shape,
+                                                 f"state['running_statistics'][{k!r}]")
+                          for k, v in given.items()}
+        schedule = copy.deepcopy(self._schedule_state)
+        for name, value in state.get("schedule", {}).items():
+            if not hasattr(schedule, name):
+                raise ValueError(f"Unknown schedule state {name!r}.")
+            setattr(schedule, name, copy.deepcopy(value))
+        rng = self._rng
+        if "random_state" in state:
+            rng = np.random.RandomState()
+            rng.set_state(copy.deepcopy(state["random_state"]))
+        self.weights_, self._update_state, self.running_statistics_ = (
+            weights, update_state, statistics)
+        self._schedule_state, self._rng = schedule, rng
+        self.n_iter_ = int(state.get("n_iter", self.n_iter_))
+        self.t_ = int(state.get("t", self.t_))
+        self._runtime.export_session = None
+        return self
+
+    def _checked_array(self, value, shape, what):
+        array = np.array(value, dtype=self.dtype_, copy=True)
+        if array.shape != tuple(shape):
+            raise ValueError(f"{what} has shape {array.shape}; the graph's is {tuple(shape)}.")
+        assert_finite(array, what, self)
+        return array
+
+    def _checked_weights(self, weights, what, partial):
+        """Copies of ``weights`` (name -> array) checked against the trained
+        weights: known names, same shapes, finite values; every weight
+        unless ``partial``."""
+        if not isinstance(weights, dict):
+            raise TypeError(f"{what} must be a dict of weight name -> array.")
+        unknown = sorted(set(weights) - set(self.weights_))
+        missing = [] if partial else sorted(set(self.weights_) - set(weights))
+        if unknown or missing:
+            raise ValueError(
+                f"{what} " + (f"names weights the estimator does not train: {unknown}"
+                              if unknown else f"misses weights: {missing}")
+                + f"; the trained weights are {sorted(self.weights_)}."
+            )
+        return {name: self._checked_array(value, self.weights_[name].shape,
+                                          f"{what}[{name!r}]")
+                for name, value in weights.items()}
 
     def to_onnx(self):
         """The user's graph (all its outputs) with the trained weights.

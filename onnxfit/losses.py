@@ -85,6 +85,17 @@ loss_and_gradient ({T}[] prediction, {T}[] label, {T}[] sample_weight)
 """
 
 
+# Each sample's loss: the element-wise terms summed over all but the batch axis.
+_PER_SAMPLE_TEMPLATE = """
+per_sample_loss ({T}[] prediction, {T}[] label) => ({T}[] losses) {{
+    {body}
+    rows = Flatten<axis = 1>(elementwise)
+    axis = Constant<value = int64[1] {{1}}>()
+    losses = ReduceSum<keepdims = 0>(rows, axis)
+}}
+"""
+
+
 class BaseLoss(BaseEstimator):
     """Base class of losses: subclasses write the element-wise term.
 
@@ -145,6 +156,16 @@ class BaseLoss(BaseEstimator):
         onnx.GraphProto
         """
         return self._parse(_LOSS_TEMPLATE, dtype)
+
+    def per_sample_piece(self, dtype):
+        """Each sample's (unweighted) loss: ``(prediction, label) -> losses``
+        of shape ``(n,)``, from the same element-wise term as :meth:`piece`.
+
+        Returns
+        -------
+        onnx.GraphProto
+        """
+        return self._parse(_PER_SAMPLE_TEMPLATE, dtype)
 
     def gradient_piece(self, dtype):
         """The loss and its closed-form gradient, or None without one.

@@ -6,6 +6,7 @@ from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from numbers import Real
 
+from .callbacks import with_callbacks
 from .estimator import BaseOnnxSGD
 from .losses import REGRESSION_LOSSES, BaseLoss, make_loss
 from .model import linear_model
@@ -68,12 +69,28 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         None keeps the rule's own default.  Searchable as scikit-learn's
         SGD's (``GridSearchCV(est, {'eta0': [...]})``); an error with an
         update-rule object, which holds its own ``eta0``.
+    schedule : str or schedule object, default=None
+        Learning-rate schedule of the update rule named by
+        ``learning_rate``; None keeps the rule's own.  scikit-learn's names
+        mean what they mean on ``SGDRegressor`` (``'constant'``,
+        ``'invscaling'``, ``'optimal'``, ``'adaptive'``), ``'cosine'``
+        anneals over the fit; objects from :mod:`onnxfit.schedules` add
+        warm-up and step decay.  An error with an update-rule object, which
+        holds its own.
+    max_grad_norm : float, default=None
+        Clip the gradient (all weights together, penalty included) to this
+        global L2 norm before the update, as
+        ``torch.nn.utils.clip_grad_norm_``; None does not clip.
     loss : str or BaseLoss, default='squared_error'
         ``'squared_error'``, ``'absolute_error'``, ``'huber'``,
         ``'epsilon_insensitive'``, ``'squared_epsilon_insensitive'``,
         ``'elastic'`` or a loss object.
-    penalty : {'l2', 'l1', 'elasticnet'}, None or ElasticNetPenalty, default='l2'
-        Applied to weight tensors of rank >= 2 (not biases).
+    penalty : {'l2', 'l1', 'elasticnet'}, None, ElasticNetPenalty or dict, default='l2'
+        Applied to weight tensors of rank >= 2 (not biases).  A dict
+        penalizes weights by name, each as its value says: ``'l2'``,
+        ``'l1'`` or ``'elasticnet'`` (with ``alpha`` and ``l1_ratio``), an
+        ``ElasticNetPenalty`` (its own strength) or None; a named bias is
+        penalized, weights left out are not.
     alpha : float, default=1e-4
         Penalty strength.
     l1_ratio : float, default=0.15
@@ -96,13 +113,28 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         Shuffle the samples at each epoch.
     random_state : int, RandomState or None, default=None
     early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the data, stop on its R²,
-        and keep the weights of the best epoch.
+        Stop when the validation score (see ``scoring``) has not improved
+        by ``tol`` for ``n_iter_no_change`` epochs, and keep the weights of
+        the best epoch.  The validation data is ``fit``'s ``eval_set`` (or
+        ``X_val``/``y_val``) when given, else ``validation_fraction`` of X
+        held out.
     validation_fraction : float, default=0.1
+    scoring : str, callable or None, default=None
+        What early stopping maximises on the validation data: None, the
+        R² (``score``); ``'loss'``, the validation loss (minimised);
+        any scikit-learn scorer name or callable ``scorer(estimator, X, y)``.
+    on_divergence : {'raise', 'warn'}, default='raise'
+        When a step's loss becomes non-finite or explodes (over a million
+        times the loss at the starting weights, see
+        :mod:`onnxfit.divergence`): ``'raise'`` a :class:`ConvergenceError`
+        naming the likely cause and leave the estimator as it was before
+        the call; ``'warn'`` stop with a ``ConvergenceWarning`` and keep the
+        weights from before the diverging epoch.
     warm_start : bool, default=False
         ``fit`` starts from the weights of the previous fit.
     verbose : int, default=0
-        Show a progress bar with the current loss.
+        1: a progress bar over epochs with the current loss; 2: a second
+        bar over the updates of each epoch.
     engine : {'fused', 'forward_backward'}, default='fused'
         How a training step runs (see :mod:`onnxfit.engines`).
     n_threads : int or None, default=None
@@ -142,7 +174,10 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     loss_curve_ : list of float
         Mean training objective (loss + penalty) per epoch.
     validation_scores_ : list of float or None
-        R² on the validation set per epoch, with early stopping.
+        Validation score per epoch (the R², or ``scoring``'s), with
+        early stopping or validation data; None otherwise.
+    validation_loss_curve_ : list of float or None
+        Mean validation loss per epoch (no penalty), likewise.
     n_iter_ : int
         Epochs run by the last ``fit`` (or accumulated by ``partial_fit``).
     t_ : int
@@ -172,26 +207,29 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
         loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
-        eta0=None, loss="squared_error", penalty="l2", alpha=1e-4,
-        l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
+        eta0=None, schedule=None, max_grad_norm=None, loss="squared_error", penalty="l2",
+        alpha=1e-4, l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
-        validation_fraction=0.1, warm_start=False, verbose=0, engine="fused",
-        n_threads=None, gradient_backend="onnxfit", device="cpu",
+        validation_fraction=0.1, scoring=None, on_divergence="raise", warm_start=False,
+        verbose=0, engine="fused", n_threads=None, gradient_backend="onnxfit", device="cpu",
     ):
         super().__init__(
             onnx_model, weights_to_train=weights_to_train, output_name=output_name,
             loss_output=loss_output, input_columns=input_columns, train_mode=train_mode,
-            learning_rate=learning_rate, eta0=eta0, loss=loss, penalty=penalty, alpha=alpha,
+            learning_rate=learning_rate, eta0=eta0, schedule=schedule,
+            max_grad_norm=max_grad_norm, loss=loss, penalty=penalty, alpha=alpha,
             l1_ratio=l1_ratio, batch_size=batch_size, max_iter=max_iter, tol=tol,
             n_iter_no_change=n_iter_no_change, shuffle=shuffle, random_state=random_state,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
+            scoring=scoring, on_divergence=on_divergence,
             warm_start=warm_start, verbose=verbose, engine=engine, n_threads=n_threads,
             gradient_backend=gradient_backend, device=device,
         )
         self.epsilon = epsilon
 
+    @with_callbacks
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None):
+    def partial_fit(self, X, y, sample_weight=None, *, eval_set=None, X_val=None, y_val=None):
         """Run one epoch over ``(X, y)``, continuing from the current state.
 
         Parameters
@@ -202,12 +240,16 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
             input's per-sample shape, or a dict ``{input name: array}``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         sample_weight : array-like of shape (n_samples,), default=None
+        eval_set, X_val, y_val : default=None
+            Validation data whose loss and score are recorded for this
+            epoch (see :meth:`fit`).
 
         Returns
         -------
         self
         """
-        return self._partial_fit(X, y, sample_weight, max_iter=1, reset=False)
+        return self._partial_fit(X, y, sample_weight, max_iter=1, reset=False,
+                                 validation=(eval_set, X_val, y_val))
 
     def predict(self, X):
         """Predict with the trained graph.
@@ -246,10 +288,8 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
     def _default_model(self, n_features, labels, dtype):
         return linear_model(n_features, labels.shape[1], dtype)
 
-    def _validation_score(self, inputs, y, weights, statistics):
-        pred = self._predict_raw(inputs, weights, statistics)
-        pred = pred.reshape(len(pred), -1)
-        return r2_score(y.reshape(len(y), -1), pred)
+    def _score_output(self, output, y):
+        return r2_score(y.reshape(len(y), -1), output.reshape(len(output), -1))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -23,7 +23,12 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 
-from onnxfit import LearningRateSGD, LearningRateSGDNesterov, OnnxSGDRegressor
+from onnxfit import (
+    ConvergenceError,
+    LearningRateSGD,
+    LearningRateSGDNesterov,
+    OnnxSGDRegressor,
+)
 from tests.graphs import convert, gemm_mlp_graph
 
 
@@ -313,27 +318,29 @@ def test_negative_sample_weight_is_rejected():
 
 
 def test_divergence_is_reported():
-    # The squared loss's derivative is bounded (MAX_DLOSS, as scikit-learn),
-    # so only a float32 overflow of the predictions themselves can make the
-    # loss infinite: then fit says so instead of returning garbage.
+    # A float32 overflow of the predictions makes the loss infinite: fit
+    # says so (a ConvergenceError, a ValueError) instead of returning garbage.
     X, y = _linear_data()
     est = OnnxSGDRegressor(
         learning_rate=LearningRateSGD(eta0=1e4, schedule="constant"), max_iter=50, tol=None
     )
-    with pytest.raises(ValueError, match="overflow"):
+    with pytest.raises(ValueError, match="diverged at epoch 1"):
         est.fit((X * 1e18).astype(np.float32), y * 1e3)
 
 
-def test_diverging_fit_stays_finite_like_sgdregressor():
-    # Unscaled data and a large rate: scikit-learn bounds the loss
-    # derivative at 1e12 and ends with huge but finite weights; so does
-    # onnxfit, instead of overflowing.
+def test_diverging_fit_that_stays_finite_is_caught():
+    # Unscaled data and a large rate: the loss derivative is bounded at
+    # 1e12 as in scikit-learn, so the loss stays finite while it explodes;
+    # scikit-learn's SGDRegressor returns huge weights, onnxfit stops and
+    # names the input scale.
     rng = np.random.RandomState(0)
     X = rng.normal(loc=100, size=(80, 2))
     y = rng.normal(size=80)
-    est = OnnxSGDRegressor(batch_size=1, max_iter=5, tol=None, random_state=0).fit(X, y)
-    assert all(np.all(np.isfinite(w)) for w in est.weights_.values())
-    assert np.abs(est.weights_["coef"]).max() > 1e6
+    est = OnnxSGDRegressor(batch_size=1, max_iter=5, tol=None, random_state=0)
+    with pytest.raises(ConvergenceError, match="X is far from unit scale") as info:
+        est.fit(X, y)
+    assert np.isfinite(info.value.loss) and info.value.loss > 1e6 * info.value.reference
+    assert not hasattr(est, "weights_")
 
 
 # -- fit / partial_fit protocol --------------------------------------------------------

@@ -9,6 +9,8 @@ writes in place).  The estimator hands state in with
 schedule, early stopping) stays in the estimator.
 """
 
+import math
+
 import numpy as np
 
 from ..sessions import CPU
@@ -35,6 +37,9 @@ class BaseEngine:
         # reads the old value.
         self._sets = [WeightSet(problem, self.memory), WeightSet(problem, self.memory)]
         self._parity = 0
+        # What the last epoch saw (see run_epoch).
+        self.step_losses = []
+        self.diverged_at = None
 
     def set_state(self, weights, states, statistics=None):
         """Copy weights, update-rule state and running statistics into the
@@ -97,7 +102,8 @@ class BaseEngine:
         for name, array in self._sets[1 - parity].flat.items():
             self.memory.bind_output(binding, updated_name(name), array)
 
-    def run_epoch(self, inputs, label, sample_weight, order, batch_size, rates, rng=None):
+    def run_epoch(self, inputs, label, sample_weight, order, batch_size, rates, rng=None,
+                  loss_limit=None, on_step=None):
         """Run one pass of mini-batch updates.
 
         Parameters
@@ -120,11 +126,20 @@ class BaseEngine:
         rng : numpy.random.RandomState or Generator, optional
             Draws the Dropout masks (needed when the problem has masks; a
             RandomState seeds one Generator per epoch).
+        loss_limit : float, optional
+            The epoch stops after the first step whose loss is not finite
+            or exceeds ``loss_limit`` (a diverging run): ``diverged_at``
+            then holds that step's index in the epoch.  Without it, only a
+            non-finite loss stops the epoch.
+        on_step : callable, optional
+            Called as ``on_step(step, loss)`` after each update (a progress
+            bar).
 
         Returns
         -------
         float
-            Mean loss (penalty included) over the samples of the epoch.
+            Mean loss (penalty included) over the samples of the steps run.
+            Each step's loss is in ``step_losses`` afterwards.
         """
         n = len(order)
         n_full, remainder = divmod(n, batch_size)
@@ -144,13 +159,16 @@ class BaseEngine:
             # fills the masks' scratch buffers without allocating.
             if not isinstance(rng, np.random.Generator):
                 rng = np.random.default_rng(rng.randint(0, 2**63 - 1, dtype=np.int64))
-        total = 0.0
+        limit = np.inf if loss_limit is None else float(loss_limit)
+        step_losses = []
+        self.step_losses = step_losses
+        self.diverged_at = None
+        total, seen = 0.0, 0
         for size, first, last in spans:
             if size == 0 or first == last:
                 continue
             buffers = self._batch_buffers(size)
             gather = buffers.gather
-            span_total = 0.0
             parity = self._parity
             for step in range(first, last):
                 start = step * batch_size
@@ -162,9 +180,16 @@ class BaseEngine:
                 # Kept current at every step: an interrupted epoch still
                 # hands back the last weights written.
                 self._parity = parity = parity ^ 1
-                span_total += float(loss)
-            total += span_total * size
-        return total / n
+                value = float(loss)
+                step_losses.append(value)
+                total += value * size
+                seen += size
+                if on_step is not None:
+                    on_step(step, value)
+                if not (math.isfinite(value) and value <= limit):
+                    self.diverged_at = step
+                    return total / seen
+        return total / seen
 
     def _joins_last_batch(self, n, batch_size):
         """Whether the remainder of ``n`` samples joins the last full batch.

@@ -32,6 +32,21 @@ from .problem import (
     updated_name,
 )
 
+# torch.nn.utils.clip_grad_norm_'s rule: scale the whole gradient by
+# min(1, max_norm / (norm + 1e-6)); the 1e-6 keeps a zero gradient finite.
+_CLIP_TEXT = """
+clip_by_global_norm ({T}[] gradient) => ({T}[] clipped) {{
+    max_norm = Constant<value = {T} {{{max_norm}}}>()
+    tiny = Constant<value = {T} {{1e-6}}>()
+    one = Constant<value = {T} {{1.0}}>()
+    norm = ReduceL2<keepdims = 0>(gradient)
+    padded = Add(norm, tiny)
+    ratio = Div(max_norm, padded)
+    factor = Min(ratio, one)
+    clipped = Mul(gradient, factor)
+}}
+"""
+
 _FLATTEN_TEXT = """
 flatten ({T}[] value) => ({T}[] flat) {{
     shape = Constant<value = int64[1] {{-1}}>()
@@ -156,6 +171,9 @@ def append_update(graph, problem, gradient=FLAT_GRADIENT):
         weights ``FLAT_WEIGHTS``, the state vectors ``flat_state_name(s)``
         and ``gradient`` become inputs where ``graph`` does not define them.
     problem : TrainingProblem
+        With ``max_grad_norm`` set, the gradient is first scaled down to
+        that global L2 norm (``torch.nn.utils.clip_grad_norm_``); the
+        rule's own weight decay comes after, as in ``torch.optim``.
     gradient : str, default=FLAT_GRADIENT
         Name of the flat gradient vector.
 
@@ -169,6 +187,10 @@ def append_update(graph, problem, gradient=FLAT_GRADIENT):
     declare_input(graph, gradient, dtype, [size])
     graph.input.append(scalar_input(LEARNING_RATE, dtype))
     declare_input(graph, FLAT_WEIGHTS, dtype, [size])
+    if problem.max_grad_norm is not None:
+        gradient = append_piece(
+            graph, parse_piece(_CLIP_TEXT, dtype, max_norm=problem.max_grad_norm),
+            "onnxfit.clip.", {"gradient": gradient})["clipped"]
     mapping = {"weight": FLAT_WEIGHTS, "gradient": gradient, "learning_rate": LEARNING_RATE}
     out_names = {"new_weight": updated_name(FLAT_WEIGHTS)}
     for state in problem.state_names:

@@ -1,0 +1,206 @@
+"""Divergence: a non-finite or exploding loss stops training with a
+ConvergenceError that names the likely cause, and leaves the estimator
+exactly as it was before the call (or warns and keeps the last good
+epoch with on_divergence='warn')."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.preprocessing import StandardScaler
+
+from onnxfit import ConvergenceError, LearningRateSGD, OnnxSGDClassifier, OnnxSGDRegressor
+from onnxfit.divergence import DIVERGENCE_FACTOR, REFERENCE_FLOOR, loss_limit
+
+ENGINES = ["fused", "forward_backward"]
+
+
+def _diabetes():
+    X, y = load_diabetes(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+def _standard(y):
+    return (y - y.mean()) / y.std()
+
+
+def _fitted_state(est):
+    """Everything of the estimator that training could change (all but its
+    parameters and onnxruntime caches), as bytes: arrays compared bit by bit."""
+    params = set(est.get_params(deep=False))
+    state = {k: v for k, v in vars(est).items() if k not in params and k != "_runtime"}
+    return pickle.dumps(state)
+
+
+def _assert_unchanged(est, before):
+    after = _fitted_state(est)
+    assert after == before
+
+
+def test_loss_limit_rule():
+    assert loss_limit(2.0) == 2.0 * DIVERGENCE_FACTOR
+    # a perfect start must not make every later loss an explosion
+    assert loss_limit(0.0) == REFERENCE_FLOOR * DIVERGENCE_FACTOR
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exploding_but_finite_loss_raises_with_the_learning_rate_as_cause(engine):
+    # Standardised data and eta0=1e10: the bounded squared-error derivative
+    # keeps the loss finite (1e34) for ever; the rule catches it at once.
+    X, y = _diabetes()
+    est = OnnxSGDRegressor(eta0=1e10, learning_rate="sgd", engine=engine, random_state=0)
+    with pytest.raises(ConvergenceError, match=r"epoch 1, step \d+: the loss exploded") as info:
+        est.fit(X, _standard(y))
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert np.isfinite(error.loss) and error.loss > DIVERGENCE_FACTOR * error.reference
+    assert (error.epoch, error.step) == (1, 2)
+    assert "eta0=1e+10" in str(error) and "target" not in str(error)
+    assert not hasattr(est, "weights_")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nan_loss_raises(engine):
+    # float32 predictions overflow to inf, the loss to nan/inf.
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(40, 3)) * 1e18).astype(np.float32)
+    y = rng.normal(size=40)
+    est = OnnxSGDRegressor(learning_rate=LearningRateSGD(eta0=1e4, schedule="constant"),
+                           engine=engine, random_state=0)
+    with pytest.raises(ConvergenceError, match=r"the loss became (nan|inf)") as info:
+        est.fit(X, y)
+    assert "X is far from unit scale" in str(info.value)
+    assert not np.isfinite(info.value.loss)
+
+
+def test_unscaled_target_is_named_with_the_fix():
+    X, y = _diabetes()
+    est = OnnxSGDRegressor(eta0=1.0, learning_rate="sgd", schedule="constant",
+                           random_state=0)
+    with pytest.raises(ConvergenceError) as info:
+        est.fit(X, y * 1e4)
+    message = str(info.value)
+    assert "target y is far from unit scale" in message
+    assert "TransformedTargetRegressor(regressor=..., transformer=StandardScaler())" in message
+    assert "X is far" not in message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("how", ["refit", "partial_fit"])
+def test_a_failed_call_leaves_the_fitted_estimator_as_it_was(engine, how):
+    X, y = _diabetes()
+    y = _standard(y)
+    est = OnnxSGDRegressor(engine=engine, learning_rate="sgd", eta0=1e-3, max_iter=3,
+                           tol=None, random_state=0)
+    est.fit(X, y)
+    est.partial_fit(X, y)
+    before = _fitted_state(est)
+    predictions = est.predict(X)
+    est.set_params(eta0=1e10)
+    with pytest.raises(ConvergenceError):
+        if how == "refit":
+            est.fit(X, y)
+        else:
+            est.partial_fit(X, y)
+    _assert_unchanged(est, before)
+    np.testing.assert_array_equal(est.predict(X), predictions)
+    # and training goes on from there, as if the failed call never happened
+    est.set_params(eta0=1e-3)
+    twin = pickle.loads(pickle.dumps(est))
+    est.partial_fit(X, y)
+    twin.partial_fit(X, y)
+    for name in est.weights_:
+        np.testing.assert_array_equal(est.weights_[name], twin.weights_[name])
+
+
+def test_a_failed_call_leaves_a_classifier_as_it_was():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    est = OnnxSGDClassifier(max_iter=3, tol=None, random_state=0).fit(X, y)
+    before = _fitted_state(est)
+    est.set_params(eta0=1e12, learning_rate="sgd", schedule="constant",
+                   loss="modified_huber")
+    with pytest.raises(ConvergenceError):
+        est.partial_fit(X * 1e6, y)
+    _assert_unchanged(est, before)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_warn_option_stops_and_keeps_the_last_good_epoch(engine):
+    X, y = _diabetes()
+    y = _standard(y)
+    est = OnnxSGDRegressor(engine=engine, learning_rate="sgd", eta0=1e-3, max_iter=2, tol=None,
+                           random_state=0, on_divergence="warn").fit(X, y)
+    good = {k: v.copy() for k, v in est.weights_.items()}
+    curve = list(est.loss_curve_)
+    est.set_params(eta0=1e10, warm_start=True)
+    with pytest.warns(ConvergenceWarning, match="Training diverged at epoch 1"):
+        est.fit(X, y)
+    # the divergence happened in the first epoch of this fit: nothing of it is kept
+    for name, value in good.items():
+        np.testing.assert_array_equal(est.weights_[name], value)
+    assert est.n_iter_ == 0 and est.loss_curve_ == []
+    assert np.all(np.isfinite(est.predict(X)))
+    assert curve  # the first fit did record its epochs
+
+
+def test_warn_option_keeps_the_epochs_before_the_divergence():
+    # A warm-up to a rate far too large for per-sample updates (eta |x|^2 > 2
+    # from about the third epoch on) diverges in a later epoch: the epochs
+    # before it are kept.
+    from onnxfit.schedules import ConstantSchedule
+
+    X, y = _diabetes()
+    y = _standard(y)
+    n_steps = len(X)  # batch_size 'auto' is 1 here: one epoch is len(X) updates
+    est = OnnxSGDRegressor(
+        learning_rate=LearningRateSGD(eta0=1.0, schedule=ConstantSchedule(
+            warmup_steps=10 * n_steps)),
+        max_iter=50, tol=None, random_state=0, on_divergence="warn", shuffle=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est.fit(X, y)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert any("diverged" in m for m in messages)
+    assert 0 < est.n_iter_ < 50 and len(est.loss_curve_) == est.n_iter_
+    assert all(np.isfinite(est.loss_curve_))
+    assert all(np.all(np.isfinite(w)) for w in est.weights_.values())
+
+
+def test_grid_search_records_diverged_fits_as_nan():
+    X, y = _diabetes()
+    y = _standard(y)
+    search = GridSearchCV(
+        OnnxSGDRegressor(max_iter=5, tol=None, random_state=0),
+        {"eta0": [1e-3, 1e10], "learning_rate": ["sgd", "adam"]},
+        cv=2, error_score=np.nan,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        search.fit(X, y)
+    scores = search.cv_results_["mean_test_score"]
+    params = search.cv_results_["params"]
+    for p, s in zip(params, scores):
+        assert np.isnan(s) == (p["eta0"] == 1e10), (p, s)
+    assert search.best_params_["eta0"] == 1e-3
+
+
+def test_dropout_in_training_mode_is_named():
+    torch = pytest.importorskip("torch", reason="exports a PyTorch model with Dropout")
+    import io
+
+    X, y = _diabetes()
+    net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(16, 1))
+    buffer = io.BytesIO()
+    torch.onnx.export(net.train(), torch.zeros(2, 10), buffer, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                      dynamo=False, training=torch.onnx.TrainingMode.TRAINING)
+    est = OnnxSGDRegressor(buffer.getvalue(), eta0=1e10, random_state=0)
+    with pytest.raises(ConvergenceError, match="Dropout is active"):
+        est.fit(X, _standard(y))
