@@ -578,12 +578,13 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                 self.t_ += n_batches
                 self.loss_curve_.append(loss)
                 progress.epoch(loss)
-                if validation is None:
-                    improved = stopping.lower_is_better(loss)
-                else:
+                if validation is not None:
                     state = engine.get_state()
-                    improved = stopping.higher_is_better(
-                        self._validate_epoch(validation, state), state)
+                    monitored = self._validate_epoch(validation, state)
+                if use_early_stopping:
+                    improved = stopping.higher_is_better(monitored, state)
+                else:
+                    improved = stopping.lower_is_better(loss)
                 stop = callbacks.end_epoch()
                 if stopping.patience_ran_out(improved):
                     if learning_rate.trigger_stopping(schedule_state, self.verbose):
