@@ -461,7 +461,6 @@ def cmd_train(args):
     sys.stdout.flush()
     # Warnings (ConvergenceWarning) are shown after the fit, not in the bar.
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
         try:
             estimator.fit(X, y)
         except GradientError as exc:

@@ -263,45 +263,134 @@ def test_train_with_a_validation_fraction_reports_its_score(files):
     assert lines[int(found.group(1)) - 1] == found.group(2)
 
 
+def test_train_reads_parquet(files):
+    pytest.importorskip("pyarrow")
+    parquet = files["folder"] / "reg.parquet"
+    pd.read_csv(files["reg.csv"]).to_parquet(parquet)
+    result = run("train", files["mlp.onnx"], parquet, "--target", "y", "--output",
+                 files["folder"] / "from_parquet.onnx", "--epochs", 2)
+    assert result.returncode == 0, result.stderr
+    assert "120 samples, 3 feature columns, target 'y'" in result.stdout
+
+
+def test_train_shows_a_progress_bar_on_a_terminal(files):
+    """stderr on a terminal: the estimator's tqdm bar there; the loss per
+    epoch on stdout all the same."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, where tqdm draws nothing.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen(
+        _command(["train", files["mlp.onnx"], files["reg.csv"], "--target", "y", "-o",
+                  files["folder"] / "tty.onnx", "--epochs", 4]),
+        stdout=subprocess.PIPE, stderr=slave, text=True, env=_environment())
+    os.close(slave)
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    out, _ = process.communicate(timeout=TIMEOUT)
+    reader.join(TIMEOUT)
+    os.close(master)
+    err = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, err
+    assert re.search(r"OnnxSGDRegressor: 100%.*4/4.*loss=", err), err
+    # The warning comes after the bar, not inside it.
+    assert err.index("ConvergenceWarning") > err.rindex("4/4"), err
+    assert len(re.findall(r"^epoch \d/4  loss \S+$", out, re.MULTILINE)) == 4, out
+
+
 # -- errors -----------------------------------------------------------------------------
+def run_in_process(capsys, *args):
+    """``onnxfit.cli.main(ARGS)`` in this process (no interpreter to start),
+    as a CompletedProcess."""
+    from onnxfit.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse
+        status = exc.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, captured.out, captured.err)
+
+
 def test_errors_are_one_line_and_a_non_zero_exit(files):
+    """Bad paths, a bad column, a graph without weights: in subprocesses."""
     folder = files["folder"]
     out = folder / "unused.onnx"
     cases = [
-        (("info", folder / "missing.onnx"), ["does not exist"]),
+        (("info", folder / "missing.onnx"), ["model file", "does not exist"]),
         (("info", folder), ["is a directory"]),
-        (("info", files["notes.txt"]), ["is not an ONNX model"]),
-        (("check-gradients", files["notes.txt"]), ["is not an ONNX model"]),
-        (("train", files["mlp.onnx"], folder / "missing.csv", "--target", "y", "-o", out),
-         ["data file", "does not exist"]),
+        (("train", files["notes.txt"], files["reg.csv"], "--target", "y", "-o", out),
+         ["is not an ONNX model"]),
         (("train", files["mlp.onnx"], files["reg.csv"], "--target", "nope", "-o", out),
          ["has no column 'nope'", "a, b, c, y"]),
         (("train", files["no_weights.onnx"], files["reg.csv"], "--target", "y", "-o", out),
          ["no floating-point initializer"]),
-        (("check-gradients", files["no_weights.onnx"]), ["no floating-point initializer"]),
-        (("train", files["mlp.onnx"], files["reg.csv"], "--target", "y", "-o", out,
-          "--freeze", "W9"), ["--freeze names ['W9']", "W0, B0, W1, B1"]),
-        (("train", files["shrink.onnx"], files["reg.csv"], "--target", "y", "-o", out),
-         ["no gradient rule for Shrink", "On the command line: add --freeze W0 B0."]),
-        (("train", files["mlp.onnx"], files["reg.csv"], "--target", "y",
-          "-o", folder / "no_such_dir" / "out.onnx"), ["does not exist"]),
     ]
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        cases.append((("train", files["mlp.onnx"], files["data.parquet"], "--target", "y",
-                       "-o", out), ["pip install pyarrow"]))
     results = run_many(*(args for args, _ in cases))
     for (_, expected), result in zip(cases, results):
         assert_one_line_error(result, *expected)
     assert not out.exists()
 
 
-def test_usage_errors_are_argparse_s():
-    result = run("train", "model.onnx")
+def test_more_errors_are_one_line(files, capsys):
+    """The same handling, run in this process for speed."""
+    folder = files["folder"]
+    out = folder / "unused.onnx"
+    cases = [
+        (("check-gradients", files["notes.txt"]), ["is not an ONNX model"]),
+        (("check-gradients", files["no_weights.onnx"]), ["no floating-point initializer"]),
+        (("info", files["reg.csv"]), ["is not an ONNX model"]),
+        (("train", files["mlp.onnx"], folder / "missing.csv", "--target", "y", "-o", out),
+         ["data file", "does not exist"]),
+        (("train", files["mlp.onnx"], files["mlp.onnx"], "--target", "y", "-o", out),
+         ["is not a readable CSV file"]),
+        (("train", files["mlp.onnx"], files["reg.csv"], "--target", "y", "-o", out,
+          "--freeze", "W9"), ["--freeze names ['W9']", "W0, B0, W1, B1"]),
+        (("train", files["mlp.onnx"], files["reg.csv"], "--target", "y", "-o", out,
+          "--freeze", "W0", "B0", "W1", "B1"), ["nothing is left to train"]),
+        (("train", files["shrink.onnx"], files["reg.csv"], "--target", "y", "-o", out),
+         ["no gradient rule for Shrink", "On the command line: add --freeze W0 B0."]),
+        (("train", files["mlp.onnx"], files["reg.csv"], "--target", "y",
+          "-o", folder / "no_such_dir" / "out.onnx"), ["does not exist"]),
+        (("train", files["mlp.onnx"], files["reg.csv"], "--target", "y", "-o", out,
+          "--task", "regression", "--loss", "hinge"), ["'loss' parameter"]),
+    ]
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        cases.append((("train", files["mlp.onnx"], files["data.parquet"], "--target", "y",
+                       "-o", out), ["pip install pyarrow"]))
+    for args, expected in cases:
+        assert_one_line_error(run_in_process(capsys, *args), *expected)
+    assert not out.exists()
+
+
+def test_usage_errors_are_argparse_s(capsys):
+    result = run_in_process(capsys, "train", "model.onnx")
     assert result.returncode == 2
     assert "the following arguments are required" in result.stderr
-    assert "Traceback" not in result.stderr
+    result = run_in_process(capsys, "train", "m.onnx", "d.csv", "--target", "y", "-o", "o",
+                            "--validation-fraction", "1.5")
+    assert result.returncode == 2
+    assert "must lie strictly between 0 and 1" in result.stderr
 
 
 # -- check-gradients --------------------------------------------------------------------
