@@ -295,17 +295,32 @@ def cmd_demo(args):
 
 
 def cmd_info(args):
-    """``onnxfit info MODEL.onnx``."""
-    from onnx import numpy_helper
+    """``onnxfit info MODEL.onnx``.
 
-    from .onnx_graphs import OPSET
+    A graph onnxfit cannot train (no trainable weight, an output that is
+    not a float tensor) is described all the same, with the reason; the
+    exit status is 0.
+    """
+    from .onnx_graphs import numpy_dtype
 
     model = _load_model(args.model)
+    task = args.task or ("classification" if _is_classifier_graph(model) else "regression")
+    estimator = _estimator_class(task)(model, output_name=args.output_name)
+    try:
+        prepared, refused = estimator._load_model(), None
+    except ValueError as exc:
+        prepared, refused = None, exc
+
     graph = model.graph
     producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
     print(f"{args.model}: ONNX IR version {model.ir_version}"
           + (f", produced by {producer}" if producer else ""))
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    original = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    trained = None if prepared is None else next(
+        (o.version for o in prepared.model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if trained is not None and trained != original:
+        opsets += f" (onnxfit trains it converted to ai.onnx {trained})"
     print(f"Opsets: {opsets}")
     inits = {i.name: i for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in inits]
@@ -318,19 +333,9 @@ def cmd_info(args):
         print(line)
     print(f"Initializers: {len(inits)} "
           f"({sum(int(np.prod(i.dims, dtype=np.int64)) for i in inits.values()):,} values)")
-
-    task = args.task or ("classification" if _is_classifier_graph(model) else "regression")
-    estimator = _estimator_class(task)(model, output_name=args.output_name)
-    try:
-        prepared = estimator._load_model()
-    except ValueError as exc:
-        print(f"Trainable weights: none: {_one_line(exc)}")
+    if prepared is None:
+        print(f"Trainable weights: none: {_one_line(refused)}")
         return 0
-    opset = next(o.version for o in prepared.model.opset_import if o.domain in ("", "ai.onnx"))
-    original = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if original != opset:
-        print(f"  (onnxfit converts the graph to opset {opset} to train it: it trains "
-              f"opsets {OPSET} and newer, up to the installed onnxruntime's)")
     print(f"Trained output ({type(estimator).__name__}): {prepared.trained_name!r}"
           + (f" (prediction {prepared.output_name!r})"
              if prepared.output_name != prepared.trained_name else ""))
@@ -347,7 +352,7 @@ def cmd_info(args):
                         for name, w in weights.items()]):
         print(line)
     others = [name for name, init in inits.items()
-              if name not in weights and numpy_helper.to_array(init).dtype.kind == "f"]
+              if name not in weights and numpy_dtype(init.data_type) is not None]
     if others:
         shown = ", ".join(others[:10]) + (f", ... ({len(others)} in all)"
                                           if len(others) > 10 else "")

@@ -190,6 +190,20 @@ def test_info_describes_a_converted_mlp_and_ops_without_a_rule(files):
     assert "Trained output (OnnxSGDClassifier)" in clf.stdout
 
 
+def test_info_of_an_old_opset_and_of_a_graph_without_weights(files, capsys):
+    old = files["folder"] / "opset13.onnx"
+    model = mlp_graph(3, [4], 1)
+    model.opset_import[0].version = 13  # MatMul, Add and Relu are the same there
+    onnx.save(model, old)
+    result = run_in_process(capsys, "info", old)
+    assert result.returncode == 0, result.stderr
+    assert "Opsets: ai.onnx 13 (onnxfit trains it converted to ai.onnx 17)" in result.stdout
+    result = run_in_process(capsys, "info", files["no_weights.onnx"])
+    assert result.returncode == 0, result.stderr
+    assert "Trainable weights: none: The graph has no floating-point initializer" in \
+        result.stdout
+
+
 # -- train ------------------------------------------------------------------------------
 def _printed_score(out, metric):
     found = re.search(rf"^{metric} on the training data \(120 samples\): (-?\d\.\d{{4}})$",
