@@ -383,7 +383,7 @@ def _freeze_hint(estimator, model_path):
     without a gradient rule."""
     try:
         missing = ops_without_rule(estimator._load_model())
-    except Exception:  # the hint is a courtesy: the error itself is reported
+    except _user_errors():  # the hint is a courtesy: the error itself is reported
         missing = []
     frozen = list(dict.fromkeys(w for _, behind in missing for w in behind))
     if frozen:

@@ -287,6 +287,7 @@ def test_train_reads_parquet(files):
     assert "120 samples, 3 feature columns, target 'y'" in result.stdout
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
 def test_train_shows_a_progress_bar_on_a_terminal(files):
     """stderr on a terminal: the estimator's tqdm bar there; the loss per
     epoch on stdout all the same."""
@@ -414,6 +415,15 @@ def test_check_gradients_passes_on_an_mlp(files):
     assert "Gradient check of 'Y': PASSED" in result.stdout
     for name in ("W0", "B0", "W1", "B1"):
         assert re.search(rf"^  {name}\s", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_check_gradients_leaves_frozen_weights_out(files, capsys):
+    result = run_in_process(capsys, "check-gradients", files["shrink.onnx"], "--freeze", "W0",
+                            "B0", "--positions", 3)
+    assert result.returncode == 0, result.stderr
+    assert "PASSED" in result.stdout
+    assert re.search(r"^  W1\s", result.stdout, re.MULTILINE), result.stdout
+    assert not re.search(r"^  (W0|B0)\s", result.stdout, re.MULTILINE), result.stdout
 
 
 # -- the task rule ----------------------------------------------------------------------
