@@ -33,8 +33,17 @@ from .losses import (
     SquaredEpsilonInsensitiveLoss,
     SquaredLoss,
 )
-from .penalties import ElasticNetPenalty
+from .penalties import ElasticNetPenalty, WeightPenalties
 from .regressor import OnnxSGDRegressor
+from .schedules import (
+    AdaptiveSchedule,
+    ConstantSchedule,
+    CosineSchedule,
+    InvScalingSchedule,
+    OptimalSchedule,
+    StepSchedule,
+)
+from .show_versions import show_versions
 
 __version__ = "0.1.0"
 
@@ -62,7 +71,15 @@ __all__ = [
     "HingeLoss",
     "ModifiedHuberLoss",
     "ElasticNetPenalty",
+    "WeightPenalties",
+    "ConstantSchedule",
+    "InvScalingSchedule",
+    "OptimalSchedule",
+    "AdaptiveSchedule",
+    "CosineSchedule",
+    "StepSchedule",
     "OnnxFunction",
     "check_gradients",
     "ConvergenceError",
+    "show_versions",
 ]

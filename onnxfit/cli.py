@@ -246,9 +246,7 @@ def ops_without_rule(prepared):
     """Operators between the trainable weights and the trained output that
     onnxfit's gradient backend has no rule (nor expansion) for.
 
-    The same walk as the check training runs before differentiating (see
-    :mod:`onnxfit.gradient.own`), listing every such node instead of
-    refusing the graph.
+    See :func:`onnxfit.gradient.own.missing_rules`.
 
     Parameters
     ----------
@@ -259,30 +257,10 @@ def ops_without_rule(prepared):
     list of (onnx.NodeProto, list of str)
         Each node, with the weights whose path to the output crosses it.
     """
-    import onnx
+    from .gradient.own import missing_rules
 
-    from .gradient.own import _dependencies, _is_default_domain
-    from .gradient.rules import EXPANSIONS, RULES, ZERO_DERIVATIVE
-    from .onnx_graphs import node_reads, value_types
-
-    model = prepared.forward_model()
-    types = value_types(onnx.shape_inference.infer_shapes(model))
-    nodes = list(model.graph.node)
-    wrt = list(prepared.weight_names)
-    bits, through, _, on_path = _dependencies(nodes, wrt, {prepared.trained_name: 1}, types)
-    known = set(RULES) | set(EXPANSIONS) | set(ZERO_DERIVATIVE)
-    missing = []
-    for node in nodes:
-        reads = node_reads(node)
-        if not any(through.get(name, 0) for name in reads):
-            continue
-        if not any(name in on_path for name in node.output):
-            continue
-        if _is_default_domain(node) and node.op_type in known:
-            continue
-        weights = [w for w in wrt if any(through.get(name, 0) & bits[w] for name in reads)]
-        missing.append((node, weights))
-    return missing
+    return missing_rules(prepared.forward_model(), [prepared.trained_name],
+                         list(prepared.weight_names))
 
 
 # -- commands -----------------------------------------------------------------

@@ -570,19 +570,56 @@ def _name_outputs(ctx, finals, gradient_names, declared):
             ctx.Identity(value, outputs=[target])
 
 
-def _check(nodes, seeds, wrt, bits, through_rules, at_all, on_path):
-    """Refuse, before writing anything, what cannot be differentiated."""
+def _without_rule(nodes, wrt, bits, through_rules, on_path, known):
+    """``(node, weights)`` for each node between the weights and the seeds
+    whose operator is not in ``known``, with the weights whose path crosses
+    it."""
     missing = []
     for node in nodes:
-        feeds = any(through_rules.get(name, 0) for name in node_reads(node))
+        reads = node_reads(node)
+        feeds = any(through_rules.get(name, 0) for name in reads)
         reaches = any(name in on_path for name in node.output)
         if not (feeds and reaches):
             continue
-        if _is_default_domain(node) and (node.op_type in RULES or node.op_type in ZERO_DERIVATIVE):
+        if _is_default_domain(node) and node.op_type in known:
             continue
-        weights = [w for w in wrt if any(
-            through_rules.get(name, 0) & bits[w] for name in node_reads(node))]
+        weights = [w for w in wrt if any(through_rules.get(name, 0) & bits[w] for name in reads)]
         missing.append((node, weights))
+    return missing
+
+
+def missing_rules(model, seeds, wrt):
+    """The operators between weights ``wrt`` and outputs ``seeds`` that
+    onnxfit cannot differentiate (no rule, no expansion), without refusing.
+
+    The walk training runs before differentiating, which refuses the graph
+    at the first such operator (see :func:`build_vjp`); this lists them all
+    (``onnxfit info`` shows them).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+    seeds : iterable of str
+        Outputs the derivative starts from.
+    wrt : list of str
+        Weights.
+
+    Returns
+    -------
+    list of (onnx.NodeProto, list of str)
+        Each node, with the weights whose path to the seeds crosses it.
+    """
+    types = value_types(onnx.shape_inference.infer_shapes(model))
+    nodes = list(model.graph.node)
+    bits, through, _, on_path = _dependencies(nodes, list(wrt), {s: 1 for s in seeds}, types)
+    known = set(RULES) | set(EXPANSIONS) | set(ZERO_DERIVATIVE)
+    return _without_rule(nodes, list(wrt), bits, through, on_path, known)
+
+
+def _check(nodes, seeds, wrt, bits, through_rules, at_all, on_path):
+    """Refuse, before writing anything, what cannot be differentiated."""
+    missing = _without_rule(nodes, wrt, bits, through_rules, on_path,
+                            set(RULES) | set(ZERO_DERIVATIVE))
     if missing:
         listed = "; ".join(
             f"{_node_label(node)}{' in domain ' + repr(node.domain) if node.domain else ''}, "
