@@ -318,3 +318,20 @@ def test_grid_search_over_rule_names():
     scores = search.cv_results_["mean_test_score"]
     assert len(scores) == 3
     assert np.isfinite(scores).all()
+
+
+def test_grid_search_over_eta0_and_rule_as_written():
+    # The example: eta0 is an estimator parameter, applied to
+    # whichever rule learning_rate names (max_iter only bounds the test's time).
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_diabetes(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    search = GridSearchCV(
+        OnnxSGDRegressor(max_iter=30), {"eta0": [1e-3, 1e-2], "learning_rate": ["sgd", "adam"]},
+        cv=3,
+    ).fit(X, y)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.isfinite(scores).all() and search.best_score_ > 0.4
+    assert len(set(np.round(scores, 12))) == 4  # each cell trained differently
+    assert search.best_estimator_._learning_rate.eta0 == search.best_params_["eta0"]
