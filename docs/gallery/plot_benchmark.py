@@ -14,6 +14,8 @@ small Conv net and W5 an LSTM, both PyTorch modules exported to ONNX and
 trained on the digits.  Lower is faster.
 """
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -43,7 +45,7 @@ for k, (column, colour) in enumerate(zip(columns, colours)):
     ax2.bar(xs, ratios, width, label=column, color=colour)
 for ax in (ax1, ax2):
     ax.set_xticks(np.arange(len(workloads)))
-    ax.set_xticklabels([w.replace(" ", "\n", 1) for w in workloads], fontsize=8)
+    ax.set_xticklabels([textwrap.fill(w, 12) for w in workloads], fontsize=8)
 ax1.set_yscale("log")
 ax1.set_ylabel("seconds per epoch, 1 thread")
 ax1.legend(fontsize=8)

@@ -22,6 +22,7 @@ and measures what the freedom costs.
    :local:
 """
 
+import textwrap
 import time
 import warnings
 
@@ -263,7 +264,7 @@ fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.bar(range(len(names)), ratio, color="C9")
 ax.axhline(1, color="black", lw=0.8)
 ax.set_xticks(range(len(names)))
-ax.set_xticklabels([n.replace(" ", "\n", 1) for n in names], fontsize=8)
+ax.set_xticklabels([textwrap.fill(n, 12) for n in names], fontsize=8)
 ax.set_ylabel("forward_backward / fused")
 ax.set_title("time per epoch, benchmark suite (1 thread)")
 plt.tight_layout()
