@@ -98,7 +98,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         ``'optimal'`` schedule (``LearningRateSGD(schedule='optimal')``)
         starts with rates near ``1 / (alpha t0)`` that suit linear models
         only.  ``'sgd'`` is ``LearningRateSGD()`` (invscaling, ``eta0=0.01``),
-        the regressor's default.  ``'momentum'``, ``'adam'``, ``'adamw'``,
+        the regressor's rule for its linear model; ``'auto'`` is
+        ``'nesterov'`` here.  ``'momentum'``, ``'adam'``, ``'adamw'``,
         ``'rmsprop'`` and ``'adagrad'`` are ``LearningRateMomentum()``,
         ``LearningRateAdam()``, ``LearningRateAdamW()``,
         ``LearningRateRMSprop()`` and ``LearningRateAdagrad()``: torch.optim's
@@ -499,6 +500,9 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         if link == "identity":
             return "sigmoid" if self._n_columns == 1 else "softmax"
         return link
+
+    def _auto_learning_rate(self):
+        return "nesterov"
 
     def _make_loss(self):
         kind = self._scores_kind()

@@ -211,7 +211,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         "loss_output": [None, str],
         "input_columns": [None, dict],
         "train_mode": ["boolean"],
-        "learning_rate": [StrOptions(set(LEARNING_RATES)), BaseLearningRate],
+        "learning_rate": [StrOptions(set(LEARNING_RATES) | {"auto"}), BaseLearningRate],
         "eta0": [Interval(Real, 0, None, closed="neither"), None],
         "schedule": [str, BaseEstimator, None],
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
@@ -239,7 +239,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="auto",
         eta0=None, schedule=None, max_grad_norm=None, loss="squared_error", penalty="l2",
         alpha=1e-4, l1_ratio=0.15, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
@@ -1033,9 +1033,14 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             runtime.predict_model = model
         return runtime.predict_model
 
+    def _auto_learning_rate(self):
+        """Hook: the rule name ``learning_rate='auto'`` stands for."""
+        raise NotImplementedError
+
     def _update_rule(self):
         """The update-rule object ``learning_rate`` names, with ``eta0``."""
-        rule = make_learning_rate(self.learning_rate, schedule=self.schedule, alpha=self.alpha)
+        name = self._auto_learning_rate() if self.learning_rate == "auto" else self.learning_rate
+        rule = make_learning_rate(name, schedule=self.schedule, alpha=self.alpha)
         if self.eta0 is not None:
             if not isinstance(self.learning_rate, str):
                 raise ValueError(

@@ -54,16 +54,22 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         running mean and variance updated, see ``running_statistics_``) and
         as in ``model.eval()`` in ``predict`` and ``to_onnx``, whichever mode
         the graph was exported in.  False trains the graph as written.
-    learning_rate : str or BaseLearningRate, default='sgd'
-        Update rule and schedule.  ``'sgd'`` is ``LearningRateSGD()``
-        (``eta0=0.01``, invscaling), ``'nesterov'`` is
-        ``LearningRateSGDNesterov()``; ``'momentum'``, ``'adam'``,
-        ``'adamw'``, ``'rmsprop'`` and ``'adagrad'`` are
-        ``LearningRateMomentum()``, ``LearningRateAdam()``,
+    learning_rate : str or BaseLearningRate, default='auto'
+        Update rule and schedule.  ``'auto'`` is ``'sgd'`` for the linear
+        model built when ``onnx_model`` is None (``SGDRegressor``'s
+        behaviour) and ``'adam'`` for a given graph: measured on
+        skl2onnx and PyTorch MLPs, Adam is the one rule at its default step
+        that trains them on unscaled targets as well as scaled ones (see
+        the README).  ``'sgd'`` is ``LearningRateSGD()`` (``eta0=0.01``,
+        invscaling), ``'nesterov'`` is ``LearningRateSGDNesterov()``;
+        ``'momentum'``, ``'adam'``, ``'adamw'``, ``'rmsprop'`` and
+        ``'adagrad'`` are ``LearningRateMomentum()``, ``LearningRateAdam()``,
         ``LearningRateAdamW()``, ``LearningRateRMSprop()`` and
         ``LearningRateAdagrad()``: torch.optim's rules with its defaults
-        (constant rate).  Pass an object to search its
-        parameters (``learning_rate__eta0``) with ``GridSearchCV``.
+        (constant rate).  ``'constant'``, ``'invscaling'``, ``'optimal'``
+        and ``'adaptive'`` are plain SGD with that schedule, as on
+        ``SGDRegressor``.  Pass an object to search its parameters
+        (``learning_rate__eta0``) with ``GridSearchCV``.
     eta0 : float, default=None
         Initial step size of the update rule named by ``learning_rate``;
         None keeps the rule's own default.  Searchable as scikit-learn's
@@ -206,7 +212,7 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
 
     def __init__(
         self, onnx_model=None, *, weights_to_train=None, output_name=None,
-        loss_output=None, input_columns=None, train_mode=True, learning_rate="sgd",
+        loss_output=None, input_columns=None, train_mode=True, learning_rate="auto",
         eta0=None, schedule=None, max_grad_norm=None, loss="squared_error", penalty="l2",
         alpha=1e-4, l1_ratio=0.15, epsilon=0.1, batch_size="auto", max_iter=1000, tol=1e-3,
         n_iter_no_change=5, shuffle=True, random_state=None, early_stopping=False,
@@ -273,6 +279,9 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
 
     def _make_loss(self):
         return make_loss(self.loss, REGRESSION_LOSSES, epsilon=self.epsilon)
+
+    def _auto_learning_rate(self):
+        return "sgd" if self.onnx_model is None else "adam"
 
     def _validate_targets(self, y, reset, classes=None):
         y = np.asarray(y, dtype=np.float64)

@@ -60,7 +60,8 @@ g (double[N, 3] X) => (double[N] y) <double[3] w = {0.0, 0.0, 0.0}> {
     rng = np.random.default_rng(2)
     X = rng.standard_normal((200, 3))
     y = X @ np.array([1.5, -2.0, 0.25])
-    est = OnnxSGDRegressor(model, penalty=None, random_state=0, tol=None, max_iter=30).fit(X, y)
+    est = OnnxSGDRegressor(model, learning_rate="sgd", penalty=None, random_state=0, tol=None,
+                           max_iter=30).fit(X, y)
     assert_allclose(est.weights_["w"], [1.5, -2.0, 0.25], atol=1e-3)
 
 

@@ -91,7 +91,8 @@ def test_a_symbolic_sample_dimension_takes_the_data_shape():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(64, 5, 3)).astype(np.float32)
     y = X.sum(axis=1) @ np.array([1.0, -2.0, 0.5])
-    reg = onnxfit.OnnxSGDRegressor(model, max_iter=30, random_state=0).fit(X, y)
+    reg = onnxfit.OnnxSGDRegressor(model, learning_rate="sgd", max_iter=30,
+                                   random_state=0).fit(X, y)
     assert reg.input_shapes_ == {"X": (5, 3)} and reg.n_features_in_ == 15
     assert reg.score(X, y) > 0.99
     with pytest.raises(ValueError, match="not fixed, so they cannot be reshaped"):

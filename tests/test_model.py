@@ -118,7 +118,8 @@ def test_new_ir_and_opset_are_normalised_without_touching_the_user_model(limits,
     X, y = _data()
     model = _linear(opset=None)
     original = model.SerializeToString()
-    est = OnnxSGDRegressor(model, random_state=0, max_iter=30, tol=None, batch_size=8).fit(X, y)
+    est = OnnxSGDRegressor(model, learning_rate="sgd", random_state=0, max_iter=30, tol=None,
+                           batch_size=8).fit(X, y)
     assert est.onnx_model_.ir_version == min(model.ir_version, max_ir)
     assert _default_opset(est.onnx_model_) == min(_default_opset(model), max_opset)
     if limits == "1.19.2":

@@ -336,6 +336,10 @@ def test_diverging_fit_that_stays_finite_is_caught():
     rng = np.random.RandomState(0)
     X = rng.normal(loc=100, size=(80, 2))
     y = rng.normal(size=80)
+    from sklearn.linear_model import SGDRegressor
+
+    reference = SGDRegressor(max_iter=5, tol=None, random_state=0).fit(X, y)
+    assert np.abs(reference.coef_).max() > 1e6
     est = OnnxSGDRegressor(batch_size=1, max_iter=5, tol=None, random_state=0)
     with pytest.raises(ConvergenceError, match="X is far from unit scale") as info:
         est.fit(X, y)
@@ -377,7 +381,8 @@ def test_partial_fit_equals_fit_epoch_by_epoch():
 
 def test_warm_start_continues_from_previous_weights():
     X, y = _linear_data(n=30)
-    common = dict(random_state=0, batch_size=8, max_iter=3, tol=None)
+    # (learning_rate named: 'auto' would pick Adam for the exported graph)
+    common = dict(random_state=0, batch_size=8, max_iter=3, tol=None, learning_rate="sgd")
     warm = OnnxSGDRegressor(warm_start=True, **common).fit(X, y)
     first = {k: v.copy() for k, v in warm.weights_.items()}
     warm.fit(X, y)

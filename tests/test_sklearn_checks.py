@@ -21,8 +21,15 @@ def test_expected_failures_come_from_scikit_learn():
         }
 
 
+# Three checks (check_fit_idempotent, check_fit_check_is_fitted,
+# check_n_features_in) fit X centred at 100 with unit spread: per-sample SGD
+# diverges there, scikit-learn's SGDRegressor included (its weights pass
+# 1e6, tests/test_regressor.py).  onnxfit raises a ConvergenceError for
+# that by default; the checks test the API contract, so the regressor runs
+# them with the documented option that stops with a warning instead.
 @parametrize_with_checks(
-    [OnnxSGDRegressor(), OnnxSGDRegressor(engine="forward_backward")],
+    [OnnxSGDRegressor(on_divergence="warn"),
+     OnnxSGDRegressor(engine="forward_backward", on_divergence="warn")],
     expected_failed_checks=lambda est: _expected_failures(SGDRegressor),
 )
 def test_sklearn_compatible_regressor(estimator, check):
