@@ -14,47 +14,15 @@ two views of the graph that training needs:
   trained weights written back into its initializers.
 """
 
-import os
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 from onnx.utils import Extractor
 
 from .inputs import input_specs
+from .loading import load_onnx  # noqa: F401  (callers import it from here)
 from .onnx_graphs import OPSET, node_reads, numpy_dtype, onnx_elem_type, tensor_elem_type
 from .sessions import SUPPORTED_EVERYWHERE, runtime_limits
-
-
-def load_onnx(onnx_model):
-    """Return a private copy of ``onnx_model`` as a ``ModelProto``.
-
-    Parameters
-    ----------
-    onnx_model : onnx.ModelProto, bytes or path-like
-    """
-    if isinstance(onnx_model, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(onnx_model)
-        return model
-    if isinstance(onnx_model, (bytes, bytearray)):
-        try:
-            return onnx.load_from_string(bytes(onnx_model))
-        except Exception as exc:
-            raise ValueError(f"onnx_model bytes are not an ONNX model: {exc}") from exc
-    if isinstance(onnx_model, (str, os.PathLike)):
-        if not os.path.exists(onnx_model):
-            raise ValueError(f"onnx_model file {os.fspath(onnx_model)!r} does not exist.")
-        try:
-            return onnx.load(os.fspath(onnx_model))
-        except Exception as exc:
-            raise ValueError(
-                f"onnx_model file {os.fspath(onnx_model)!r} is not an ONNX model: {exc}"
-            ) from exc
-    raise TypeError(
-        "onnx_model must be None, an onnx.ModelProto, serialized bytes or a "
-        f"path, not {type(onnx_model).__name__}."
-    )
 
 
 def normalise_model(model):
