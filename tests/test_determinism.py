@@ -23,7 +23,6 @@ import textwrap
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from sklearn.exceptions import ConvergenceWarning
 
 from onnxfit import OnnxSGDClassifier, OnnxSGDRegressor
 from onnxfit.engines import ENGINES as ENGINE_CLASSES
@@ -142,8 +141,8 @@ def test_two_fits_are_bit_identical(kind, engine, model):
         assert a.tobytes() == b.tobytes()
     # ... and the seed matters (shuffling, and the Dropout masks).
     other = make(kind, model, engine, random_state=1).fit(X, y)
-    assert not np.array_equal(first.weights_[sorted(first.weights_)[0]],
-                              other.weights_[sorted(other.weights_)[0]])
+    assert not np.array_equal(first.weights_[min(first.weights_)],
+                              other.weights_[min(other.weights_)])
 
 
 def test_dropout_masks_alone_depend_on_the_seed():
@@ -180,7 +179,7 @@ def other_process(tmp_path_factory):
     """The fits of CONFIGS run by another Python process (one for all)."""
     out = tmp_path_factory.mktemp("other_process")
     proc = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT, out=str(out))],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          check=False, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
