@@ -51,11 +51,31 @@ from .gradient import (
     check_backend,
     split_gradient_graph,
 )
+from .gradient.rules.conv import check_window_attributes
 from .model import OnnxModel, load_onnx, normalise_model
 from .sessions import as_ortvalue, is_ortvalue, ortvalue_dtype
 from .training_mode import training_graph
 
 __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
+
+
+def _onnxruntime_errors():
+    """onnxruntime's own exception classes (Fail, InvalidArgument, ...),
+    which derive from Exception only."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented",
+             "EPFail", "ModelLoadCanceled")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+
+
+_ORT_ERRORS = _onnxruntime_errors()
+
+
+def _run_error(exc, what):
+    """A ValueError carrying onnxruntime's message ``exc`` about ``what``."""
+    message = str(exc).strip()
+    return ValueError(f"onnxruntime could not {what}: {message}")
 
 
 def build_model_runner(forward_model, weight_names, input_names_with_gradient=(), n_threads=None,
@@ -289,6 +309,7 @@ class OnnxFunction:
     ):
         check_backend(gradient_backend)
         model = normalise_model(load_onnx(onnx_model))
+        check_window_attributes(model.graph)
         self._model = OnnxModel(model, weights_to_train, output_name)
         self.input_names = list(self._model.input_names)
         self.input_name = self.input_names[0]
@@ -320,14 +341,17 @@ class OnnxFunction:
                                        trained.initial_statistics.items()}
         self._rng = check_random_state(random_state)
         self._float_inputs = [n for n in self.input_names if not self._specs[n].is_integer]
-        self._runner = model_gradient_cache.get(
-            forward_model,
-            self.weight_names,
-            self._float_inputs if self.input_gradient else (),
-            self.n_threads,
-            gradient_backend,
-            constant_outputs=list(self._statistics.values()),
-        )
+        try:
+            self._runner = model_gradient_cache.get(
+                forward_model,
+                self.weight_names,
+                self._float_inputs if self.input_gradient else (),
+                self.n_threads,
+                gradient_backend,
+                constant_outputs=list(self._statistics.values()),
+            )
+        except _ORT_ERRORS as exc:
+            raise _run_error(exc, "load the graph or its gradient") from exc
         self._context = None
 
     # -- helpers ---------------------------------------------------------------
@@ -465,7 +489,12 @@ class OnnxFunction:
         for name, array in self.running_statistics.items():
             inputs[name] = as_ortvalue(array)
             kept.append(array)
-        values = self._runner.forward(inputs)
+        try:
+            values = self._runner.forward(inputs)
+        except _ORT_ERRORS as exc:
+            shapes = {name: tuple(value.shape()) for name, value in inputs.items()
+                      if name in self.input_names}
+            raise _run_error(exc, f"run the graph on inputs of shape {shapes}") from exc
         for name, new in self._statistics.items():
             self.running_statistics[name] = values[new].numpy().copy()
         output = values[self.output_name]
@@ -517,8 +546,13 @@ class OnnxFunction:
         )
         if kept_context:
             self._context = None
-        gradients = self._runner.backward(
-            context._inputs, context._forward_values, {self.output_name: dy_value})
+        try:
+            gradients = self._runner.backward(
+                context._inputs, context._forward_values, {self.output_name: dy_value})
+        except _ORT_ERRORS as exc:
+            context._release()
+            raise _run_error(
+                exc, f"run the backward pass (output of shape {context.output_shape})") from exc
         context._release()
         del dy_kept
         if is_ortvalue(output_gradient):

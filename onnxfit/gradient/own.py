@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_graphs import NodeWriter, node_reads, value_types
 from .rules import CONSTANT_INPUTS, EXPANSIONS, RULES, ZERO_DERIVATIVE, NotDifferentiable
+from .rules.conv import check_window_attributes
 
 #: Oldest default-domain opset the rules write for: they use Shape with
 #: start/end and CastLike (opset 15) and ScatterElements with
@@ -468,6 +469,7 @@ def vjp(model, seeds, wrt, gradient_names, prefix="onnxfit.vjp."):
             f"opset {opset}. Convert it first (onnx.version_converter.convert_version; "
             "OnnxFunction and the estimators convert older graphs themselves)."
         )
+    check_window_attributes(model.graph)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph

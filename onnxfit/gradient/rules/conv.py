@@ -295,14 +295,22 @@ def average_pool(g, node, dys):
         ones_x = g.fill(g.Concat(g.ints([1, 1]), g.Shape(x, start=2), axis=0), 1.0, like=y)
         attributes = {a.name: node.attr(a.name) for a in node.proto.attribute}
         pooled = g.AveragePool(ones_x, **attributes)
-        extra = [s - 1 if node.attr("ceil_mode", 0) else 0 for s in strides]
+        # End padding enough for the Conv to see one whole window even when
+        # the pool has none (an input smaller than the window gives an
+        # empty pool, but a Conv refuses it); the Slice keeps Y's windows.
+        extra = [(s - 1 if node.attr("ceil_mode", 0) else 0) + (k - 1) * d
+                 for s, k, d in zip(strides, kernel, dilations)]
         counted = g.Conv(ones_x, window, strides=strides, dilations=dilations,
                          pads=pads[:rank] + [p + e for p, e in zip(pads[rank:], extra)])
         counted = g.Slice(counted, g.ints([0] * rank), g.Shape(y, start=2),
                           g.ints(_spatial_axes(rank)))
         counted = g.Max(counted, g.constant(1.0, like=y))
         scaled = g.Mul(dy, g.Div(pooled, counted))
-    rows = g.Reshape(scaled, g.Concat(g.ints([-1, 1]), g.Shape(dy, start=2), axis=0))
+    # Batch and channels as one axis of rows, its length spelt out (a -1
+    # cannot be resolved when the pool is empty).
+    batch_channels = g.reduce("ReduceProd", g.Shape(dy, start=0, end=2), [0], keepdims=1)
+    rows = g.Reshape(scaled, g.Concat(batch_channels, g.ints([1]), g.Shape(dy, start=2),
+                                      axis=0))
     windows = _windows(g, x, kernel, strides, dilations, pads, node.attr("ceil_mode", 0))
     pads = _begin_pads(pads)
     spread = g.ConvTranspose(rows, window, strides=strides, dilations=dilations, pads=pads)
@@ -329,3 +337,52 @@ def global_max_pool(g, node, dys):
     if rank is None:
         raise NotDifferentiable("GlobalMaxPool on a value of unknown rank.")
     return [share_between_ties(g, x, y, dys[0], _spatial_axes(rank - 2))]
+
+
+#: Operators whose window attributes :func:`check_window_attributes` checks.
+WINDOW_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool")
+
+
+def _window_attribute_error(node, problem):
+    label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
+    return ValueError(
+        f"The graph's {label} has {problem}. kernel_shape, strides and dilations must be "
+        "positive, pads non-negative and group at least 1 (onnxruntime refuses the others "
+        "or, for some, kills the process with a floating-point exception); fix the graph."
+    )
+
+
+def check_window_attributes(graph):
+    """Refuse convolution and pooling nodes with zero or negative sizes.
+
+    onnxruntime rejects most of them when a session is created, with an
+    error of its own, but not all: a Conv with ``group=0`` on zero input
+    channels divides by zero in its kernel and kills the process (SIGFPE).
+    This check runs before any session does.
+
+    Raises
+    ------
+    ValueError
+        Naming the node, the attribute and its value.
+    """
+    from onnx import helper
+
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == attribute.GRAPH:
+                check_window_attributes(attribute.g)
+            elif attribute.type == attribute.GRAPHS:
+                for subgraph in attribute.graphs:
+                    check_window_attributes(subgraph)
+        if node.domain not in ("", "ai.onnx") or node.op_type not in WINDOW_OPS:
+            continue
+        values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        for name in ("kernel_shape", "strides", "dilations"):
+            value = values.get(name)
+            if value is not None and any(int(v) < 1 for v in value):
+                raise _window_attribute_error(node, f"{name}={list(value)}")
+        pads = values.get("pads")
+        if pads is not None and any(int(p) < 0 for p in pads):
+            raise _window_attribute_error(node, f"pads={list(pads)}")
+        if node.op_type in ("Conv", "ConvTranspose") and int(values.get("group", 1)) < 1:
+            raise _window_attribute_error(node, f"group={values['group']}")
