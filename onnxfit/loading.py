@@ -236,8 +236,10 @@ def _check_tensors(model, base_dir, source):
             continue
         if count == 0:
             continue
-        if tensor.raw_data:
-            capacity = len(tensor.raw_data) * 8 // (bits or 8)
+        # Reading raw_data copies it (upb): once per tensor, never kept.
+        raw_size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        if raw_size:
+            capacity = raw_size * 8 // (bits or 8)
         else:
             entries = sum(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
             capacity = entries * max(1, 8 // (bits or 8))
