@@ -12,7 +12,6 @@ import pickle
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from onnxfit import OnnxSGDClassifier, OnnxSGDRegressor
@@ -110,7 +109,7 @@ def test_eight_threads_predicting_from_one_estimator_match_sequential(index):
 def test_threads_predicting_different_rows_get_their_own_rows():
     """Batches of different sizes at once (each call's feeds are its own)."""
     kind, est = _estimators()[2]
-    X, y = data(kind)
+    X, _ = data(kind)
     est = _fit(kind, est)
     chunks = [X[i * 7:(i + 1) * 7 + i] for i in range(8)]
     expected = [_outputs(est, chunk) for chunk in chunks]
