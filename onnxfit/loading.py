@@ -179,11 +179,13 @@ def _tensors(model):
             for tensor in graph.initializer:
                 yield tensor, f"initializer {tensor.name!r} of {where}"
             for sparse in graph.sparse_initializer:
-                yield sparse.values, f"sparse initializer {sparse.values.name!r} of {where}"
-                yield sparse.indices, f"indices of sparse initializer {sparse.values.name!r} of {where}"
+                name = f"sparse initializer {sparse.values.name!r} of {where}"
+                yield sparse.values, name
+                yield sparse.indices, f"indices of {name}"
         for node in graph.node:
             for attribute in node.attribute:
-                here = f"attribute {attribute.name!r} of node {node.name or node.op_type!r} in {where}"
+                node_name = node.name or node.op_type
+                here = f"attribute {attribute.name!r} of node {node_name!r} in {where}"
                 if attribute.HasField("t"):
                     yield attribute.t, f"tensor {attribute.t.name!r}, {here}"
                 for tensor in attribute.tensors:
@@ -192,8 +194,9 @@ def _tensors(model):
                 if attribute.HasField("sparse_tensor"):
                     sparses.append(attribute.sparse_tensor)
                 for sparse in sparses:
-                    yield sparse.values, f"sparse tensor {sparse.values.name!r}, {here}"
-                    yield sparse.indices, f"indices of sparse tensor {sparse.values.name!r}, {here}"
+                    name = f"sparse tensor {sparse.values.name!r}, {here}"
+                    yield sparse.values, name
+                    yield sparse.indices, f"indices of {name}"
                 if attribute.HasField("g"):
                     stack.append((attribute.g, f"the subgraph of {here}"))
                 stack += [(g, f"a subgraph of {here}") for g in attribute.graphs]

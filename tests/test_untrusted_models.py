@@ -164,6 +164,44 @@ def test_no_external_data_for_a_model_proto_or_bytes(folders, opened):
     assert os.path.realpath(secret) not in opened
 
 
+def test_external_tensors_in_attributes_subgraphs_and_functions_are_checked(folders, opened):
+    inside, secret = folders
+
+    def external(name):
+        tensor = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[12],
+                                  data_location=TensorProto.EXTERNAL)
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", "../secret.bin"
+        return tensor
+
+    def constant(name):
+        return onnx.helper.make_node("Constant", [], [name], value=external(name))
+
+    body = onnx.helper.make_graph(
+        [constant("c")], "branch", [],
+        [onnx.helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
+    function = onnx.helper.make_function("local", "F", [], ["f"], [constant("f")],
+                                         [onnx.helper.make_opsetid("", 17)])
+    cases = {
+        "top.onnx": ([constant("top")], [], "tensor 'top', attribute 'value'"),
+        "nested.onnx": ([onnx.helper.make_node("If", ["cond"], ["u"], then_branch=body,
+                                                else_branch=body)], [], "subgraph"),
+        "function.onnx": ([], [function], "function 'F'"),
+    }
+    for name, (nodes, functions, where) in cases.items():
+        model = _small()
+        model.graph.node.extend(nodes)
+        model.functions.extend(functions)
+        _refused(_write(inside / name, model), where, OUTSIDE, "'../secret.bin'")
+    sparse = _small()
+    values = external("sv")
+    indices = numpy_helper.from_array(np.arange(12, dtype=np.int64), "si")
+    sparse.graph.sparse_initializer.append(
+        onnx.helper.make_sparse_tensor(values, indices, [100]))
+    _refused(_write(inside / "sparse.onnx", sparse), "sparse initializer 'sv'", OUTSIDE)
+    assert os.path.realpath(secret) not in opened
+
+
 # -- declared sizes the data cannot back ------------------------------------
 
 def _huge_w0(model, raw_data=b""):
