@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx.external_data_helper
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from onnxfit import OnnxFunction, OnnxSGDRegressor
@@ -157,9 +159,9 @@ def test_no_external_data_for_a_model_proto_or_bytes(folders, opened):
     proto = onnx.load(str(_with_external_w0(inside, "../secret.bin")),
                       load_external_data=False)
     before = proto.SerializeToString()
-    for given in (proto, before):
+    for passed in (proto, before):
         with pytest.raises(ValueError, match="Pass the path of the .onnx file instead"):
-            load_onnx(given)
+            load_onnx(passed)
     assert proto.SerializeToString() == before
     assert os.path.realpath(secret) not in opened
 
@@ -223,9 +225,9 @@ def test_huge_declared_dims_without_data_are_refused(tmp_path, monkeypatch):
     before = proto.SerializeToString()
     path = tmp_path / "huge.onnx"
     path.write_bytes(before)
-    for given in (proto, before, path):
+    for passed in (proto, before, path):
         with pytest.raises(ValueError) as info:
-            load_onnx(given)
+            load_onnx(passed)
         message = str(info.value)
         for fragment in ("'W0'", "[1000000, 1000000]", "1000000000000 elements, 4 TB",
                          "holds data for 0 element(s)", "before allocating"):
@@ -324,6 +326,30 @@ def test_bad_paths_and_bytes(tmp_path):
             load_onnx(content)
     with pytest.raises(TypeError, match="not int"):
         load_onnx(3)
+
+
+_VALID = _small().SerializeToString()
+
+
+@settings(database=None, derandomize=True, deadline=None, max_examples=300)
+@given(cut=st.integers(0, len(_VALID) - 1),
+       flips=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(1, 255)),
+                      max_size=4))
+def test_cut_or_corrupted_bytes_load_or_raise_value_error(cut, flips):
+    """Any prefix of a valid model, with a few bytes changed: a ModelProto
+    whose tensors' data backs their shapes, or a ValueError -- never a
+    protobuf DecodeError, a MemoryError or anything else."""
+    data = bytearray(_VALID[: max(cut, 1)] if flips else _VALID[:cut])
+    for position, delta in flips:
+        if position < len(data):
+            data[position] = (data[position] + delta) % 256
+    try:
+        model = load_onnx(bytes(data))
+    except ValueError as exc:
+        assert "ONNX model" in str(exc) or "Re-export" in str(exc) or "Pass" in str(exc)
+        return
+    for tensor in model.graph.initializer:
+        assert tensor.data_location != TensorProto.EXTERNAL
 
 
 def test_a_model_proto_is_copied_and_left_unchanged():
