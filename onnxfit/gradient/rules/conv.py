@@ -13,7 +13,7 @@
 """
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from .reduction import share_between_ties
 from .registry import NotDifferentiable, rule
@@ -365,8 +365,6 @@ def check_window_attributes(graph):
     ValueError
         Naming the node, the attribute and its value.
     """
-    from onnx import helper
-
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == attribute.GRAPH:
