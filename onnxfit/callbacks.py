@@ -57,6 +57,7 @@ class EpochCallbacks:
                     reconstruction_attributes=self.fitted_view)
 
     def begin_epoch(self):
+        """Begin an epoch's task."""
         if self.context is not None:
             self.epoch = self.context.subcontext(task_name="epoch")
             self._hook(self.epoch, "begin")
@@ -68,9 +69,16 @@ class EpochCallbacks:
         epoch, self.epoch = self.epoch, None
         return bool(self._hook(epoch, "end"))
 
-    def end_fit(self):
-        if self.context is not None:
-            if self.epoch is not None:  # an epoch interrupted by an error
-                self.epoch.call_on_fit_task_end(estimator=self.estimator)
-                self.epoch = None
+    def end_fit(self, completed=True):
+        """End the call's task (and an epoch left open: a divergence with
+        ``on_divergence='warn'``, an error).  A call that did not complete
+        ends its tasks without a fitted estimator for the hooks."""
+        if self.context is None:
+            return
+        if self.epoch is not None:
+            self.epoch.call_on_fit_task_end(estimator=self.estimator)
+            self.epoch = None
+        if completed:
             self._hook(self.context, "end")
+        else:
+            self.context.call_on_fit_task_end(estimator=self.estimator)

@@ -6,28 +6,41 @@ SGD (:data:`onnxfit.losses.MAX_DLOSS`), so a far too large learning rate can
 keep the loss at 1e34 for ever instead of overflowing.  The rule is
 relative, so that it holds for any loss and any target scale:
 
-    a step's loss above ``DIVERGENCE_FACTOR`` times the reference loss
+    a loss above the reference loss plus ``DIVERGENCE_FACTOR`` times its
+    magnitude (floored at ``REFERENCE_FLOOR``)
 
-where the reference is the mean loss at the weights training starts from,
-on up to ``REFERENCE_SAMPLES`` samples of the data (computed before the
-first update: a first epoch's mean may already have exploded), floored at
-``REFERENCE_FLOOR`` (a model that starts at a zero loss, a hinge loss with
-every margin met, must not make any later loss look like an explosion).
-Training never multiplies its starting loss by a million on purpose; a
-diverging run does within a few steps.
+The reference is the loss at the weights each ``fit`` or ``partial_fit``
+call starts from (a first epoch's mean may already have exploded; a stream
+of chunks may drift), the larger of two measures of it: the first step's
+loss, the objective training reports (penalty, sample weights, Dropout and
+batch statistics included), and, when that step saw fewer than
+``SMALL_BATCH`` samples, the weighted mean loss on up to
+``REFERENCE_SAMPLES`` samples spread over the data (one sample's loss may be
+far below the typical one).  The floor keeps a model that starts at a zero
+loss (a hinge loss with every margin met) from making any later loss look
+like an explosion.  Training never multiplies its starting loss by a
+million on purpose; a diverging run does within a few steps.
+
+Every step is checked (:class:`DivergenceGuard`), and so is the loss at the
+weights a call ends with: the last update of a call is otherwise never
+looked at.
 
 :class:`ConvergenceError` is a :class:`ValueError`, so that
 ``GridSearchCV(error_score=np.nan)`` records the failed fit and goes on.
 """
 
+import math
+
 import numpy as np
 
-#: A step's loss above this many times the reference loss is a divergence.
+#: A loss this many times the reference's magnitude above it is a divergence.
 DIVERGENCE_FACTOR = 1e6
-#: Samples the reference loss is computed on (the first ones of the data).
+#: Samples the reference loss is computed on (spread over the data).
 REFERENCE_SAMPLES = 1024
-#: Smallest reference loss: keeps the limit positive for a perfect start.
+#: Smallest magnitude of the reference: keeps the limit above a perfect start.
 REFERENCE_FLOOR = 1e-6
+#: A first batch smaller than this is too noisy to be the only reference.
+SMALL_BATCH = 32
 
 
 class ConvergenceError(ValueError):
@@ -42,8 +55,10 @@ class ConvergenceError(ValueError):
     ----------
     epoch : int
         Epoch (1-based, counted over the estimator's life) of the step.
-    step : int
-        Update (1-based, within the epoch) whose loss diverged.
+    step : int or None
+        Update (1-based, within the epoch) whose loss diverged; None when
+        the loss at the weights the call ends with did (after the last
+        update).
     loss : float
         That loss.
     reference : float
@@ -59,17 +74,49 @@ class ConvergenceError(ValueError):
 
 
 def loss_limit(reference):
-    """The largest step loss that is not a divergence, for ``reference``."""
-    return DIVERGENCE_FACTOR * max(float(reference), REFERENCE_FLOOR)
+    """The largest loss that is not a divergence, for ``reference``."""
+    reference = float(reference)
+    return reference + DIVERGENCE_FACTOR * max(abs(reference), REFERENCE_FLOOR)
+
+
+class DivergenceGuard:
+    """Decides, step by step, whether a training call diverged.
+
+    Parameters
+    ----------
+    reference : float or None
+        A measure of the loss at the starting weights known before the
+        first step (see the module docstring), or None.  The first step's
+        loss is the other measure: the larger one sets the limit.
+    """
+
+    def __init__(self, reference=None):
+        self.reference = reference
+        self.limit = None
+
+    def diverged(self, loss):
+        """Whether ``loss``, the loss of the next step, is a divergence."""
+        if not math.isfinite(loss):
+            return True
+        if self.limit is None:  # the first step: the loss at the starting weights
+            if self.reference is None or not math.isfinite(self.reference):
+                self.reference = loss
+            else:
+                self.reference = max(self.reference, loss)
+            self.limit = loss_limit(self.reference)
+            return False
+        return loss > self.limit
 
 
 def _spread(values):
-    """(mean, standard deviation) of float ``values`` by column, or None."""
+    """(|mean|, standard deviation) of float ``values`` by column, on the
+    first samples (a few thousand tell the scale), or None."""
     if values is None or not hasattr(values, "dtype") or values.dtype.kind != "f" \
             or not values.size:
         return None
-    flat = values.reshape(len(values), -1)[:REFERENCE_SAMPLES * 4]
-    return np.abs(flat.mean(axis=0)), flat.std(axis=0)
+    flat = values.reshape(len(values), -1)[:4 * REFERENCE_SAMPLES].astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.abs(flat.mean(axis=0)), flat.std(axis=0)
 
 
 def likely_causes(*, inputs, y, regression, learning_rate, has_dropout):
@@ -82,6 +129,8 @@ def likely_causes(*, inputs, y, regression, learning_rate, has_dropout):
     y : ndarray or None
         The targets (regression) or None.
     regression : bool
+        Whether ``y`` holds regression targets (a target scale is then a
+        likely cause; class labels have none).
     learning_rate : BaseLearningRate
         The update rule, with its ``eta0``.
     has_dropout : bool
@@ -128,18 +177,24 @@ def likely_causes(*, inputs, y, regression, learning_rate, has_dropout):
     return causes
 
 
-def divergence_message(loss, reference, epoch, step, causes):
-    """The message of a :class:`ConvergenceError` (see :func:`likely_causes`)."""
+def divergence_message(loss, reference, epoch, step, causes, on_divergence="raise"):
+    """The message of a :class:`ConvergenceError` (see :func:`likely_causes`),
+    or of the warning ``on_divergence='warn'`` gives."""
     what = (f"the loss became {loss}" if not np.isfinite(loss) else
             f"the loss exploded to {loss:.3g}, over {DIVERGENCE_FACTOR:.0e} times the "
             f"loss at the starting weights ({reference:.3g})")
-    lines = [f"Training diverged at epoch {epoch}, step {step}: {what}."]
+    where = f"step {step}" if step is not None else "after its last step"
+    lines = [f"Training diverged at epoch {epoch}, {where}: {what}."]
     if causes:
         lines.append("Likely cause" + ("s" if len(causes) > 1 else "") + ": "
                      + "; ".join(causes) + ".")
-    lines.append(
-        "The estimator was left as it was before this call; with "
-        "on_divergence='warn', training stops with a warning and keeps the last "
-        "weights before the divergence instead."
-    )
+    if on_divergence == "raise":
+        lines.append(
+            "The estimator was left as it was before this call; with "
+            "on_divergence='warn', training stops with a warning and keeps the last "
+            "weights before the divergence instead."
+        )
+    else:
+        lines.append("Training stopped (on_divergence='warn') and keeps the weights from "
+                     "before the diverging epoch.")
     return " ".join(lines)

@@ -26,10 +26,11 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from .callbacks import CallbackSupportMixin, EpochCallbacks, with_callbacks
 from .divergence import (
     REFERENCE_SAMPLES,
+    SMALL_BATCH,
     ConvergenceError,
+    DivergenceGuard,
     divergence_message,
     likely_causes,
-    loss_limit,
 )
 from .engines import ENGINES, TrainingProblem, make_engine
 from .engines.problem import LABEL
@@ -142,6 +143,12 @@ class _StoppingRule:
 
     def reset(self):
         self.no_improvement = 0
+
+
+#: The curves a training call appends to (a failed call truncates them back).
+_CURVES = ("loss_curve_", "validation_loss_curve_", "validation_scores_")
+#: What scikit-learn's callback machinery sets on the estimator during a call.
+_CALLBACK_CONTEXT = ("_callback_fit_ctx", "_skl_callbacks_to_teardown", "_parent_callback_ctx")
 
 
 @dataclass
@@ -359,11 +366,11 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         initial_weights=None,
     ):
         first_call = not hasattr(self, "weights_")
-        # Whatever happens until the call returns, a failure leaves the
-        # estimator as it was: training replaces fitted attributes rather
-        # than changing them in place, except the few _snapshot copies.
+        # Whatever happens until the call returns (an error, a divergence, an
+        # interruption), a failure leaves the estimator as it was.
         previous = self._snapshot()
         try:
+            y_given = y
             inputs, y, labels, sample_weight, uniform = self._prepare_training(
                 X, y, sample_weight, reset, keep_weights, first_call, classes
             )
@@ -371,27 +378,50 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                 self.weights_ = {**self.weights_, **self._checked_weights(
                     initial_weights, "initial_weights", partial=True)}
             validation = self._validation_data(*validation)
+            self._check_scoring()
             self._get_engine()
-            if first_call or reset or getattr(self, "_loss_reference", None) is None:
-                self._loss_reference = self._reference_loss(inputs, labels)
             return self._run_epochs(
                 inputs, y, labels, sample_weight, uniform, max_iter, use_early_stopping,
-                validation, callbacks_data=(X, y), use_all_epochs=reset,
+                validation, callbacks_data=(X, y_given), use_all_epochs=reset,
             )
         except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(previous)
+            self._restore(previous)
             raise
 
     def _snapshot(self):
-        """The estimator's attributes, with copies of those training changes
-        in place (the rest is replaced, never mutated)."""
+        """What :meth:`_restore` needs to undo a call: the attributes (a
+        call replaces them, never changes them in place, except what is
+        noted here), the lengths of the curves it appends to, and the
+        states of the schedule and the random generator it advances."""
         state = dict(self.__dict__)
-        for name in ("loss_curve_", "validation_scores_", "validation_loss_curve_",
-                     "_schedule_state", "_rng"):
-            if state.get(name) is not None:
-                state[name] = copy.deepcopy(state[name])
-        return state
+        lengths = {name: len(state[name]) for name in _CURVES if state.get(name) is not None}
+        schedule = copy.copy(state.get("_schedule_state"))
+        rng = state.get("_rng")
+        return state, lengths, schedule, None if rng is None else rng.get_state()
+
+    def _restore(self, snapshot):
+        """Put back the state :meth:`_snapshot` saw.  scikit-learn's
+        callback machinery, set up during the call, stays: it tears the
+        callbacks down once the call is over."""
+        state, lengths, schedule, rng_state = snapshot
+        callback_context = {k: v for k, v in self.__dict__.items() if k in _CALLBACK_CONTEXT}
+        self.__dict__.clear()
+        self.__dict__.update(state)
+        self.__dict__.update(callback_context)
+        for name, length in lengths.items():
+            del getattr(self, name)[length:]
+        if schedule is not None:
+            vars(self._schedule_state).update(vars(schedule))
+        if rng_state is not None:
+            self._rng.set_state(rng_state)
+
+    def _check_scoring(self):
+        """Resolve ``scoring`` before training (a misspelt scorer fails now,
+        not after an epoch)."""
+        if self.scoring is not None and self.scoring != "loss":
+            from sklearn.metrics import check_scoring
+
+            check_scoring(self, scoring=self.scoring)
 
     def _prepare_training(self, X, y, sample_weight, reset, keep_weights, first_call, classes):
         """Validate the data and (on a reset) rebuild the model and state.
@@ -434,9 +464,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                     sample_weight, np.empty((n_samples(inputs), 0)), dtype=np.float64,
                     ensure_non_negative=True,
                 )
-        for name, values in inputs.items():
-            assert_finite(values, "X" if len(inputs) == 1 else f"X[{name!r}]", self)
-        assert_finite(y, "y", self)
+        self._assert_finite_data(inputs, y, "X", "y")
         if sample_weight is not None:
             assert_finite(sample_weight, "sample_weight", self)
         labels = self._validate_targets(y, reset=start, classes=classes)
@@ -449,20 +477,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             self._start(inputs, labels, onnx_model, keep_weights=not rebuild)
         if sample_weight is not None:
             sample_weight = sample_weight.astype(self.dtype_, copy=False)
-        labels = self._encode_labels(labels)
-        label_shape = self.label_shape_
-        if labels.dtype.kind in "iu":  # one-hot labels as column indices
-            per_sample = int(np.prod(label_shape))
-        else:
-            per_sample = int(np.prod(labels.shape[1:]))
-        if per_sample != int(np.prod(label_shape)):
-            raise ValueError(
-                f"y has {per_sample} value(s) per sample, but the estimator was fitted "
-                f"on targets of shape {('n',) + label_shape} (the graph's output "
-                f"{self.trained_output_!r}); refit with warm_start=False to change it."
-            )
-        if labels.dtype.kind not in "iu":
-            labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
+        labels = self._training_labels(labels)
         if self.running_statistics_ and min(n_samples(inputs), self._batch_size(
                 n_samples(inputs))) < 2:
             raise ValueError(
@@ -485,6 +500,32 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                 )
             labels = np.zeros((len(labels),) + (self._loss_shape or ()), dtype=self.dtype_)
         return inputs, y, labels, sample_weight, uniform
+
+    def _assert_finite_data(self, inputs, y, x_name, y_name):
+        """scikit-learn's finiteness check of every input and of y."""
+        for name, values in inputs.items():
+            assert_finite(values, x_name if len(inputs) == 1 else f"{x_name}[{name!r}]", self)
+        assert_finite(y, y_name, self)
+
+    def _training_labels(self, labels):
+        """Labels from :meth:`_validate_targets` as the loss takes them
+        (:meth:`_encode_labels`, in the trained output's per-sample shape),
+        checked against the fitted targets' shape."""
+        labels = self._encode_labels(labels)
+        label_shape = self.label_shape_
+        if labels.dtype.kind in "iu":  # one-hot labels as column indices
+            per_sample = int(np.prod(label_shape))
+        else:
+            per_sample = int(np.prod(labels.shape[1:]))
+        if per_sample != int(np.prod(label_shape)):
+            raise ValueError(
+                f"y has {per_sample} value(s) per sample, but the estimator was fitted "
+                f"on targets of shape {('n',) + label_shape} (the graph's output "
+                f"{self.trained_output_!r}); refit with warm_start=False to change it."
+            )
+        if labels.dtype.kind not in "iu":
+            labels = labels.reshape((len(labels),) + label_shape).astype(self.dtype_, copy=False)
+        return labels
 
     def _label_spec(self):
         """The graph's label input, with the per-sample shape of the labels."""
@@ -541,41 +582,32 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         """The training loop shared by ``fit`` and ``partial_fit``."""
         engine = self._get_engine()
         engine.set_state(self.weights_, self._update_state, self.running_statistics_)
-        schedule_state, learning_rate, rng = self._schedule_state, self._learning_rate, self._rng
+        schedule_state, learning_rate = self._schedule_state, self._learning_rate
         if use_early_stopping and validation is None:
             (inputs, labels, sample_weight), validation = self._hold_out(
                 inputs, y, labels, sample_weight)
-        if validation is not None and self.validation_scores_ is None:
-            self.validation_scores_, self.validation_loss_curve_ = [], []
+        weights = None if uniform else sample_weight
         n = n_samples(inputs)
         batch_size = self._batch_size(n)
         n_batches = engine.n_steps(n, batch_size)
         if use_all_epochs:
             # What a schedule over "the whole fit" (cosine) spans.
             schedule_state.total_steps = max_iter * n_batches
-        limit = loss_limit(self._loss_reference)
+        # The first step's loss is the reference (see onnxfit.divergence),
+        # with a mean over the data when that step sees few samples.
+        guard = DivergenceGuard(
+            self._mean_loss(inputs, labels, weights) if batch_size < SMALL_BATCH else None)
         stopping = _StoppingRule(self.tol, self.n_iter_no_change)
         callbacks = EpochCallbacks(self, *callbacks_data, max_iter, self._fitted_view)
         progress = _Progress(self, max_iter, n_batches)
+        completed, before = False, None
         try:
             for _ in range(max_iter):
                 callbacks.begin_epoch()
-                before = engine.get_state() if self.on_divergence == "warn" else None
-                # intp indices: int32 would save half of this array's memory
-                # but cost 7 % of a linear model's epoch (a cast in every take,
-                # a slower shuffle).
-                order = rng.permutation(n) if self.shuffle else np.arange(n)
-                rates = learning_rate.rates(schedule_state, n_batches)
-                loss = engine.run_epoch(
-                    inputs, labels, None if uniform else sample_weight, order, batch_size,
-                    rates, rng=rng, loss_limit=limit,
-                    on_step=progress.step if progress.steps is not None else None,
-                )
-                if engine.diverged_at is not None:
-                    self._diverged(engine, before, inputs, y)
+                loss, before = self._run_epoch(engine, inputs, y, labels, weights, batch_size,
+                                               n_batches, guard, progress)
+                if loss is None:  # diverged, and on_divergence='warn'
                     break
-                self.n_iter_ += 1
-                self.t_ += n_batches
                 self.loss_curve_.append(loss)
                 progress.epoch(loss)
                 if validation is not None:
@@ -602,6 +634,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             if engine.diverged_at is None:
                 self.weights_, self._update_state, self.running_statistics_ = \
                     engine.get_state()
+                self._check_final_weights(engine, inputs, y, labels, weights, guard, before)
             if stopping.best_state is not None:
                 # The best epoch's weights with their own update-rule state, so
                 # that a later partial_fit continues from that epoch.
@@ -609,33 +642,78 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                     stopping.best_state
             self._runtime.export_session = None
             self.best_loss_ = stopping.best_loss
-            callbacks.end_fit()
+            completed = True
         finally:
             progress.close()
+            callbacks.end_fit(completed)
         return self
 
-    def _diverged(self, engine, before, inputs, y):
-        """A step's loss diverged (see :mod:`onnxfit.divergence`): raise a
-        :class:`ConvergenceError`, or, with ``on_divergence='warn'``, warn
-        and keep the state from before the diverging epoch."""
-        step = engine.diverged_at + 1
-        loss = engine.step_losses[-1]
-        epoch = self.n_iter_ + 1
+    def _run_epoch(self, engine, inputs, y, labels, weights, batch_size, n_batches, guard,
+                   progress):
+        """One epoch: its mean loss (None when it diverged and
+        ``on_divergence='warn'``: the state is then the one before it), and
+        with ``on_divergence='warn'``, the state it started from."""
+        rng, schedule_state = self._rng, self._schedule_state
+        before = None
+        if self.on_divergence == "warn":
+            before = (engine.get_state(), copy.copy(schedule_state), rng.get_state())
+        # intp indices: int32 would save half of this array's memory but cost
+        # 7 % of a linear model's epoch (a cast in every take, a slower shuffle).
+        order = rng.permutation(len(labels)) if self.shuffle else np.arange(len(labels))
+        rates = self._learning_rate.rates(schedule_state, n_batches)
+        loss = engine.run_epoch(
+            inputs, labels, weights, order, batch_size, rates, rng=rng, guard=guard,
+            on_step=progress.step if progress.steps is not None else None,
+        )
+        if engine.diverged_at is not None:
+            self._diverged(engine.last_step_loss, guard, engine.diverged_at + 1, inputs, y,
+                           engine, before)
+            return None, before
+        self.n_iter_ += 1
+        self.t_ += n_batches
+        return loss, before
+
+    def _check_final_weights(self, engine, inputs, y, labels, weights, guard, before):
+        """The last update of a call is not followed by a step that would
+        check it: look at the loss at the final weights (see
+        :mod:`onnxfit.divergence`); ``before`` is the state the last epoch
+        started from (``on_divergence='warn'``)."""
+        final = self._mean_loss(inputs, labels, weights)
+        if guard.limit is not None and guard.diverged(final):
+            self._diverged(final, guard, None, inputs, y, engine, before)
+            if before is not None:  # the diverging epoch is undone
+                self.n_iter_ -= 1
+                self.t_ -= engine.n_steps(len(labels), self._batch_size(len(labels)))
+                del self.loss_curve_[-1:]
+                for name in ("validation_loss_curve_", "validation_scores_"):
+                    curve = getattr(self, name)
+                    if curve:
+                        del curve[-1:]
+
+    def _diverged(self, loss, guard, step, inputs, y, engine, before):
+        """A loss diverged at ``step`` of the epoch (None: at the weights
+        the call ends with): raise a :class:`ConvergenceError`, or, with
+        ``on_divergence='warn'`` and the state ``before`` the epoch, warn and
+        go back to that state."""
+        epoch = self.n_iter_ + (1 if step is not None else 0)
+        label = self._label_input
         causes = likely_causes(
-            inputs=inputs, y=y if self._label_input is None else None,
+            inputs={k: v for k, v in inputs.items() if k != label},
+            y=inputs[label] if label is not None else y,
             regression=self._y_numeric, learning_rate=self._learning_rate,
             has_dropout=bool(self._get_training_graph().masks),
         )
-        message = divergence_message(loss, self._loss_reference, epoch, step, causes)
-        if self.on_divergence == "raise":
+        message = divergence_message(loss, guard.reference, epoch, step, causes,
+                                     self.on_divergence if before is not None else "raise")
+        if before is None:
             raise ConvergenceError(message, epoch=epoch, step=step, loss=loss,
-                                   reference=self._loss_reference)
-        warnings.warn(message.replace(
-            "The estimator was left as it was before this call; with "
-            "on_divergence='warn', training stops with a warning and keeps",
-            "Training stopped (on_divergence='warn') and keeps"), ConvergenceWarning)
-        engine.set_state(*before)
-        self.weights_, self._update_state, self.running_statistics_ = before
+                                   reference=guard.reference)
+        warnings.warn(message, ConvergenceWarning)
+        state, schedule, rng_state = before
+        engine.set_state(*state)
+        self.weights_, self._update_state, self.running_statistics_ = state
+        vars(self._schedule_state).update(vars(schedule))
+        self._rng.set_state(rng_state)
 
     def _validate_epoch(self, validation, state):
         """Record the validation loss and score of ``state``; return the
@@ -644,6 +722,12 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         losses, output = self._sample_losses(validation.inputs, validation.labels,
                                              weights, statistics, with_output=True)
         loss = float(np.mean(losses)) if losses.ndim else float(losses)
+        if self.validation_loss_curve_ is None:
+            self.validation_loss_curve_, self.validation_scores_ = [], []
+        # One entry per epoch: NaN for the epochs (partial_fit calls) that
+        # had no validation data.
+        for curve in (self.validation_loss_curve_, self.validation_scores_):
+            curve.extend([np.nan] * (self.n_iter_ - 1 - len(curve)))
         self.validation_loss_curve_.append(loss)
         if self.scoring is None or self.scoring == "loss":
             score = self._score_output(output, validation.y)
@@ -710,13 +794,8 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             inputs, y = to_graph_inputs(
                 self, X, y, self._input_specs(), self.input_columns, reset=False,
                 multi_output=True, y_numeric=self._y_numeric)
-        for name, values in inputs.items():
-            assert_finite(values, x_name if len(inputs) == 1 else f"{x_name}[{name!r}]", self)
-        assert_finite(y, y_name, self)
-        labels = self._encode_labels(self._validate_targets(y, reset=False))
-        if labels.dtype.kind not in "iu":
-            labels = labels.reshape((len(labels),) + self.label_shape_).astype(
-                self.dtype_, copy=False)
+        self._assert_finite_data(inputs, y, x_name, y_name)
+        labels = self._training_labels(self._validate_targets(y, reset=False))
         if self._label_input is not None:
             inputs[self._label_input] = self._graph_labels(labels, self._label_spec())
         return inputs, y, labels
@@ -757,14 +836,20 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             losses = losses * sample_weight
         return losses
 
-    def _reference_loss(self, inputs, labels):
-        """The divergence rule's reference: the mean loss at the current
-        weights on the first samples (see :mod:`onnxfit.divergence`)."""
-        rows = slice(0, min(REFERENCE_SAMPLES, len(labels)))
+    def _mean_loss(self, inputs, labels, sample_weight):
+        """The (sample-weighted) mean loss at the current weights on up to
+        ``REFERENCE_SAMPLES`` samples spread over the data, in inference
+        behaviour (see :mod:`onnxfit.divergence`); inf when not finite."""
+        rows = np.unique(np.linspace(0, len(labels) - 1, min(REFERENCE_SAMPLES, len(labels)))
+                         .astype(np.intp))
         losses = self._sample_losses(take_rows(inputs, rows), labels[rows], self.weights_,
                                      self.running_statistics_)
-        reference = float(np.mean(losses))
-        return reference if np.isfinite(reference) else np.inf
+        if losses.ndim == 0:  # a graph's scalar loss
+            mean = float(losses)
+        else:
+            mean = float(np.average(losses, weights=None if sample_weight is None
+                                    else sample_weight[rows] + 1e-300))
+        return mean if np.isfinite(mean) else np.inf
 
     def _sample_losses(self, inputs, labels, weights, statistics, with_output=False):
         """Per-sample losses (float64, or the scalar of a graph's scalar
@@ -923,7 +1008,6 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         self.loss_curve_ = []
         self.validation_scores_ = [] if self.early_stopping else None
         self.validation_loss_curve_ = [] if self.early_stopping else None
-        self._loss_reference = None
 
     def _current_model_spec(self, with_source=True):
         """What defines the trained graph: the model (by content, unless

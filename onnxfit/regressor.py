@@ -58,9 +58,9 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
         Update rule and schedule.  ``'auto'`` is ``'sgd'`` for the linear
         model built when ``onnx_model`` is None (``SGDRegressor``'s
         behaviour) and ``'adam'`` for a given graph: measured on
-        skl2onnx and PyTorch MLPs, Adam is the one rule at its default step
-        that trains them on unscaled targets as well as scaled ones (see
-        the README).  ``'sgd'`` is ``LearningRateSGD()`` (``eta0=0.01``,
+        skl2onnx and PyTorch MLPs, Adam (torch's default) trains them at
+        its default step on unscaled targets as well as scaled ones, where
+        plain SGD and momentum diverge (see the README).  ``'sgd'`` is ``LearningRateSGD()`` (``eta0=0.01``,
         invscaling), ``'nesterov'`` is ``LearningRateSGDNesterov()``;
         ``'momentum'``, ``'adam'``, ``'adamw'``, ``'rmsprop'`` and
         ``'adagrad'`` are ``LearningRateMomentum()``, ``LearningRateAdam()``,

@@ -99,9 +99,11 @@ def test_divergence_table(cause, call, engine):
 
 
 def test_loss_limit_rule():
-    assert loss_limit(2.0) == 2.0 * DIVERGENCE_FACTOR
+    assert loss_limit(2.0) == 2.0 + 2.0 * DIVERGENCE_FACTOR
     # a perfect start must not make every later loss an explosion
     assert loss_limit(0.0) == REFERENCE_FLOOR * DIVERGENCE_FACTOR
+    # a negative loss (a graph's own log-likelihood) explodes upwards too
+    assert loss_limit(-3.0) == -3.0 + 3.0 * DIVERGENCE_FACTOR
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -247,3 +249,128 @@ def test_dropout_in_training_mode_is_named():
     est = OnnxSGDRegressor(buffer.getvalue(), eta0=1e10, random_state=0)
     with pytest.raises(ConvergenceError, match="Dropout is active"):
         est.fit(X, _standard(y))
+
+
+# -- no false alarms -----------------------------------------------------------------
+
+def test_a_stream_whose_scale_drifts_is_not_a_divergence():
+    # The reference is the loss at the start of each call: a first chunk
+    # with tiny targets does not make a normal chunk an "explosion".
+    X, y = _diabetes()
+    y = _standard(y)
+    est = OnnxSGDRegressor(random_state=0)
+    est.partial_fit(X[:200], y[:200] * 1e-3)
+    est.partial_fit(X[200:], y[200:])
+    assert np.all(np.isfinite(est.predict(X)))
+
+
+def test_data_sorted_by_target_is_not_a_divergence():
+    # Per-sample updates on data sorted by y: the first samples' loss is far
+    # below the typical one; the reference is spread over the data.
+    X, y = _diabetes()
+    order = np.argsort(y)
+    est = OnnxSGDRegressor(shuffle=False, max_iter=3, tol=None, random_state=0)
+    est.fit(X[order], _standard(y[order]))
+    assert len(est.loss_curve_) == 3
+
+
+def test_sample_weights_and_penalty_are_part_of_the_reference():
+    X, y = _diabetes()
+    y = _standard(y)
+    # Adam does not care about the loss scale: huge sample weights train
+    OnnxSGDRegressor(learning_rate="adam", max_iter=3, tol=None, random_state=0).fit(
+        X, y, sample_weight=np.full(len(y), 1e7))
+    # starting at the exact least-squares solution, the penalty is all the loss
+    coef, *_ = np.linalg.lstsq(np.c_[X, np.ones(len(X))], y, rcond=None)
+    start = {"coef": coef[:-1, None], "intercept": coef[-1:]}
+    est = OnnxSGDRegressor(max_iter=2, tol=None, random_state=0, alpha=1e-4)
+    est.fit(X, X @ coef[:-1] + coef[-1], initial_weights=start)
+    assert np.all(np.isfinite(est.loss_curve_))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_last_update_of_a_call_is_checked(engine):
+    # One update per call: no later step of the call would see its loss.
+    X, y = _diabetes()
+    y = _standard(y)
+    est = OnnxSGDRegressor(learning_rate="sgd", schedule="constant", eta0=1e-3,
+                           batch_size=len(y), engine=engine, random_state=0)
+    est.partial_fit(X, y)
+    before = _copied_state(est)
+    est.set_params(eta0=1e10)
+    with pytest.raises(ConvergenceError, match="after its last step"):
+        est.partial_fit(X, y)
+    _assert_unchanged(est, before)
+
+
+def test_warn_option_rolls_back_the_schedule_and_the_generator():
+    X, y = _diabetes()
+    y = _standard(y)
+    est = OnnxSGDRegressor(eta0=1e10, learning_rate="sgd", random_state=0,
+                           on_divergence="warn")
+    with pytest.warns(ConvergenceWarning, match="Training stopped"):
+        est.fit(X, y)
+    assert (est.n_iter_, est.t_, est.loss_curve_) == (0, 0, [])
+    assert est.get_state()["schedule"]["t"] == 0
+    # training from there equals a fresh fit's first epoch
+    est.set_params(eta0=1e-3)
+    est.partial_fit(X, y)
+    fresh = OnnxSGDRegressor(eta0=1e-3, learning_rate="sgd", random_state=0)
+    fresh.partial_fit(X, y)
+    for name in fresh.weights_:
+        np.testing.assert_array_equal(est.weights_[name], fresh.weights_[name])
+
+
+def test_a_graph_loss_names_the_target_not_an_input():
+    # With loss_output, y feeds a label input: the cause is y's scale.
+    from onnx import TensorProto, helper
+
+    X, y = _diabetes()
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["pred"]),
+             helper.make_node("Sub", ["pred", "target"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["loss"])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("target", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("pred", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("loss", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [10, 1], np.zeros(10))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    est = OnnxSGDRegressor(model, output_name="pred", loss_output="loss",
+                           learning_rate="sgd", eta0=1.0, schedule="constant", random_state=0)
+    with pytest.raises(ConvergenceError) as info:
+        est.fit(X.astype(np.float32), y * 100)
+    assert "target y is far from unit scale" in str(info.value)
+    assert "input 'target'" not in str(info.value)
+
+
+def test_callbacks_are_torn_down_when_a_fit_fails():
+    pytest.importorskip("sklearn.callback", reason="scikit-learn >= 1.9 has callbacks")
+
+    class Record:
+        def __init__(self):
+            self.events = []
+
+        def setup(self, estimator, context):
+            self.events.append("setup")
+
+        def on_fit_task_begin(self, estimator, context):
+            self.events.append(f"begin {context.task_name}")
+
+        def on_fit_task_end(self, estimator, context):
+            self.events.append(f"end {context.task_name}")
+
+        def teardown(self, estimator, context):
+            self.events.append("teardown")
+
+    X, y = _diabetes()
+    record = Record()
+    est = OnnxSGDRegressor(eta0=1e10, learning_rate="sgd", random_state=0)
+    est.set_callbacks(record)
+    with pytest.raises(ConvergenceError):
+        est.fit(X, _standard(y))
+    assert record.events[0] == "setup" and record.events[-1] == "teardown"
+    assert record.events.count("begin epoch") == record.events.count("end epoch") == 1
+    assert record.events.count("begin fit") == record.events.count("end fit") == 1
+    assert not hasattr(est, "_callback_fit_ctx")

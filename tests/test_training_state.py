@@ -287,3 +287,11 @@ def test_a_callback_can_stop_training():
     est = OnnxSGDRegressor(max_iter=10, tol=None, random_state=0).set_callbacks(StopAfterTwo())
     est.fit(X, y)
     assert est.n_iter_ == 2
+
+
+def test_a_bound_beyond_the_dtype_range_clips_nothing():
+    X, y = _diabetes()
+    a = OnnxSGDRegressor(max_grad_norm=1e300, max_iter=2, tol=None, random_state=0).fit(
+        X.astype(np.float32), y)
+    b = OnnxSGDRegressor(max_iter=2, tol=None, random_state=0).fit(X.astype(np.float32), y)
+    _assert_same_weights(a, b)

@@ -156,3 +156,23 @@ def test_eval_set_through_a_pipeline_on_already_scaled_data():
             eval_set=True))
         pipe.fit(X, y, eval_set=[(X_val, y_val)])
     assert len(pipe[-1].validation_loss_curve_) == 3
+
+
+def test_curves_stay_one_entry_per_epoch_when_some_calls_have_no_validation_data():
+    X, y, X_val, y_val = _diabetes_split()
+    est = OnnxSGDRegressor(random_state=0)
+    est.partial_fit(X, y)
+    est.partial_fit(X, y, eval_set=[(X_val, y_val)])
+    est.partial_fit(X, y)
+    est.partial_fit(X, y, eval_set=[(X_val, y_val)])
+    assert len(est.validation_loss_curve_) == len(est.validation_scores_) == 4
+    assert np.isnan(est.validation_loss_curve_[0]) and np.isnan(est.validation_scores_[2])
+    assert np.isfinite(est.validation_loss_curve_[3])
+
+
+def test_a_misspelt_scorer_fails_before_training():
+    X, y, X_val, y_val = _diabetes_split()
+    est = OnnxSGDRegressor(scoring="no_such_scorer", early_stopping=True)
+    with pytest.raises(ValueError, match="no_such_scorer"):
+        est.fit(X, y)
+    assert not hasattr(est, "weights_")

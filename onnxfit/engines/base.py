@@ -18,6 +18,10 @@ from .buffers import BatchBuffers, EngineMemory, WeightSet
 from .problem import FLAT_WEIGHTS, flat_state_name, updated_name
 
 
+def _not_finite(loss):
+    return not math.isfinite(loss)
+
+
 class BaseEngine:
     """Interface of the training engines.
 
@@ -38,7 +42,7 @@ class BaseEngine:
         self._sets = [WeightSet(problem, self.memory), WeightSet(problem, self.memory)]
         self._parity = 0
         # What the last epoch saw (see run_epoch).
-        self.step_losses = []
+        self.last_step_loss = None
         self.diverged_at = None
 
     def set_state(self, weights, states, statistics=None):
@@ -103,7 +107,7 @@ class BaseEngine:
             self.memory.bind_output(binding, updated_name(name), array)
 
     def run_epoch(self, inputs, label, sample_weight, order, batch_size, rates, rng=None,
-                  loss_limit=None, on_step=None):
+                  guard=None, on_step=None):
         """Run one pass of mini-batch updates.
 
         Parameters
@@ -126,11 +130,10 @@ class BaseEngine:
         rng : numpy.random.RandomState or Generator, optional
             Draws the Dropout masks (needed when the problem has masks; a
             RandomState seeds one Generator per epoch).
-        loss_limit : float, optional
-            The epoch stops after the first step whose loss is not finite
-            or exceeds ``loss_limit`` (a diverging run): ``diverged_at``
-            then holds that step's index in the epoch.  Without it, only a
-            non-finite loss stops the epoch.
+        guard : onnxfit.divergence.DivergenceGuard, optional
+            The epoch stops after the first step whose loss the guard calls
+            a divergence (without one, a non-finite loss): ``diverged_at``
+            then holds that step's index in the epoch.
         on_step : callable, optional
             Called as ``on_step(step, loss)`` after each update (a progress
             bar).
@@ -139,7 +142,7 @@ class BaseEngine:
         -------
         float
             Mean loss (penalty included) over the samples of the steps run.
-            Each step's loss is in ``step_losses`` afterwards.
+            The last step's loss is in ``last_step_loss`` afterwards.
         """
         n = len(order)
         n_full, remainder = divmod(n, batch_size)
@@ -159,9 +162,7 @@ class BaseEngine:
             # fills the masks' scratch buffers without allocating.
             if not isinstance(rng, np.random.Generator):
                 rng = np.random.default_rng(rng.randint(0, 2**63 - 1, dtype=np.int64))
-        limit = np.inf if loss_limit is None else float(loss_limit)
-        step_losses = []
-        self.step_losses = step_losses
+        diverged = guard.diverged if guard is not None else _not_finite
         self.diverged_at = None
         total, seen = 0.0, 0
         for size, first, last in spans:
@@ -181,12 +182,12 @@ class BaseEngine:
                 # hands back the last weights written.
                 self._parity = parity = parity ^ 1
                 value = float(loss)
-                step_losses.append(value)
+                self.last_step_loss = value
                 total += value * size
                 seen += size
                 if on_step is not None:
                     on_step(step, value)
-                if not (math.isfinite(value) and value <= limit):
+                if diverged(value):
                     self.diverged_at = step
                     return total / seen
         return total / seen

@@ -9,6 +9,7 @@ engine gives each piece a small graph of its own: the same functions serve
 both, so both compute the same numbers.
 """
 
+import numpy as np
 from onnx import helper, numpy_helper
 
 from ..losses import loss_gradient_model
@@ -187,7 +188,8 @@ def append_update(graph, problem, gradient=FLAT_GRADIENT):
     declare_input(graph, gradient, dtype, [size])
     graph.input.append(scalar_input(LEARNING_RATE, dtype))
     declare_input(graph, FLAT_WEIGHTS, dtype, [size])
-    if problem.max_grad_norm is not None:
+    # (A bound beyond the dtype's range clips nothing, and cannot be written.)
+    if problem.max_grad_norm is not None and problem.max_grad_norm < np.finfo(dtype).max:
         gradient = append_piece(
             graph, parse_piece(_CLIP_TEXT, dtype, max_norm=problem.max_grad_norm),
             "onnxfit.clip.", {"gradient": gradient})["clipped"]
