@@ -18,7 +18,8 @@ imports, onnxruntime's arenas, loky's worker processes) and again at the
 end, each time after ``gc.collect()``:
 
 * resident memory (psutil ``memory_info().rss``) of this process, and its
-  peak; the slope of a least-squares line through samples taken every
+  peak; the summed resident memory of its child processes (joblib's
+  workers, in the grid phase); the slope of a least-squares line through samples taken every
   ``--sample-every`` cycles;
 * open file descriptors (psutil ``num_fds``);
 * threads: ``threading.active_count()`` (Python) and psutil
@@ -32,8 +33,8 @@ end, each time after ``gc.collect()``:
   onnxruntime writes a 51-byte ``$TMPDIR/.ses`` when imported: present
   before the first reading, so never counted as growth.
 
-The run exits with status 1 when a limit is exceeded: RSS growth over
-``--rss-limit-mb`` (50), or any more descriptors, threads or temporary
+The run exits with status 1 when a limit is exceeded: RSS growth (this
+process's, or its workers' together) over ``--rss-limit-mb`` (50), or any more descriptors, threads or temporary
 files at the end than after the warm-up.
 """
 
@@ -252,6 +253,13 @@ def _judge(phase, limits):
          end["threads_os"] - start["threads_os"],
          end["threads_os"] <= start["threads_os"], "<= 0"),
     ]
+    if start["children"] or end["children"]:
+        workers = end["children_rss_mb"] - start["children_rss_mb"]
+        checks.append((
+            "workers rss MB",
+            f"{start['children_rss_mb']:.0f} ({start['children']}) -> "
+            f"{end['children_rss_mb']:.0f} ({end['children']})",
+            workers, workers < limits["rss_mb"], f"< {limits['rss_mb']:g}"))
     new_temp = sorted(set(end["temp_entries"]) - set(start["temp_entries"]))
     checks.append(("temp entries",
                    f"{len(start['temp_entries'])} -> {len(end['temp_entries'])}",
