@@ -439,7 +439,7 @@ def _estimator_property(classifier, data, params, method, model, loss, learning_
         onnx_model = _mlp(data["d"], 3 if classifier else 1, data["seed"])
     elif model == "conv1d":
         onnx_model = _conv1d(data["d"], 3 if classifier else 1, data["seed"])
-        X = X.reshape(len(X), 1, -1) if X.size or data["d"] else X.reshape(len(X), 1, 0)
+        X = X.reshape(len(X), 1, data["d"])
     cls = OnnxSGDClassifier if classifier else OnnxSGDRegressor
     estimator = cls(onnx_model=onnx_model, loss=loss, learning_rate=learning_rate,
                     random_state=0, n_iter_no_change=1, tol=None, **params)
@@ -600,3 +600,38 @@ def test_average_pool_gradient_of_an_empty_pool_is_zero(x_size, kernel):
     grads = f.backward(np.ones_like(y))
     assert y.shape == (2, 2, 0, 0)
     assert not grads["W"].any() and not grads["B"].any()
+
+
+_SIGABRT_GRAPH = textwrap.dedent("""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxfit import OnnxFunction
+
+    # A Conv whose dilated kernel (reach 3) is longer than its input (2) along
+    # one axis: onnx's shape inference of the gradient graph aborted the
+    # process (std::clamp assertion, SIGABRT) while the function was built.
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in [("W0", (1, 3, 1, 1, 1)), ("W1", (2, 1, 1, 2, 2))]]
+    nodes = [helper.make_node("Conv", ["X", "W0"], ["H"]),
+             helper.make_node("Conv", ["H", "W1"], ["Y"], strides=[3, 3, 1],
+                              dilations=[2, 2, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3, 6, 2, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2, "a", "b", "c"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 8
+    try:
+        OnnxFunction(model)
+    except ValueError as exc:
+        print("REFUSED", exc)
+""")
+
+
+def test_conv_without_a_window_is_refused_not_a_crash():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", _SIGABRT_GRAPH], check=False, cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "REFUSED" in result.stdout and "no window along spatial axis 1" in result.stdout, (
+        result.stdout)

@@ -106,6 +106,34 @@ def _windows(g, x, kernel, strides, dilations, pads, ceil_mode=0):
             for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
 
 
+def _require_windows(g, node, x, kernel, strides, dilations, pads, empty_ok=False):
+    """Refuse a node whose (static) input has no room for a window.
+
+    A Conv needs the padded input at least as large as the kernel's reach,
+    ``(kernel - 1) * dilation + 1``; a pool may be empty (onnxruntime gives
+    0 windows for an input short of the reach by less than a stride).
+    Otherwise onnxruntime fails at run time, and onnx's shape inference of
+    the gradient graph (whose sizes would be negative) can abort the
+    process: a clear ValueError first.
+    """
+    sizes = _spatial_sizes(g, x)
+    if sizes is None:
+        return
+    rank = len(kernel)
+    for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations)):
+        span = n + pads[i] + pads[rank + i]
+        reach = (k - 1) * d + 1
+        if span >= reach or (empty_ok and span - reach > -s):
+            continue
+        label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
+        raise ValueError(
+            f"The graph's {label} has no window along spatial axis {i}: the input there "
+            f"has {n} positions ({span} with padding), fewer than the kernel's reach {reach} "
+            f"(kernel_shape {k}, dilation {d}). Give the graph a larger input, or a smaller "
+            "kernel, dilation or more padding."
+        )
+
+
 def _spread_size(sizes, kernel, strides, dilations, pads):
     """Spatial size of a ConvTranspose of ``sizes`` windows (None stays None)."""
     if sizes is None:
@@ -178,6 +206,7 @@ def conv(g, node, dys):
     kernel = _kernel(g, node, w)
     group = node.attr("group", 1)
     strides, dilations, pads = _geometry(g, node, x, kernel)
+    _require_windows(g, node, x, kernel, strides, dilations, pads)
     grads = [None] * len(node.input)
     if node.needs(0):
         grads[0] = _input_gradient(g, dy, w, x, kernel, strides, dilations, pads, group)
@@ -284,6 +313,8 @@ def average_pool(g, node, dys):
     kernel = _kernel(g, node)
     rank = len(kernel)
     strides, dilations, pads = _geometry(g, node, x, kernel)
+    if not node.attr("ceil_mode", 0):
+        _require_windows(g, node, x, kernel, strides, dilations, pads, empty_ok=True)
     ones = np.ones([1, 1] + kernel, dtype=np.float32)
     window = g.constant(ones, like=y)
     if node.attr("count_include_pad", 0) and not node.attr("ceil_mode", 0):
