@@ -18,7 +18,6 @@ from .classifier_graph import (
     rewrite_linear_classifiers,
 )
 from .estimator import BaseOnnxSGD
-from .inputs import take_rows
 from .losses import CLASSIFICATION_LOSSES, BaseLoss, HingeLoss, ModifiedHuberLoss, make_loss
 from .model import OnnxModel, linear_model
 
@@ -276,6 +275,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
         y : array-like of shape (n_samples,)
         classes : array-like of shape (n_classes,), default=None
             Every class of the problem; required on the first call (``y``
@@ -423,8 +424,7 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
         return onnx_model
 
     def _probe_label_shape(self, inputs, labels):
-        out = self._predict_raw(take_rows(inputs, slice(0, 1)), self.weights_)
-        label_shape = tuple(out.shape[1:])
+        label_shape = self._output_sample_shape(inputs)
         width = int(np.prod(label_shape)) if label_shape else 1
         self._set_columns(width)
         return label_shape
@@ -541,6 +541,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
 
         Returns
         -------
@@ -571,6 +573,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
 
         Returns
         -------
@@ -634,6 +638,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
 
         Returns
         -------
@@ -675,6 +681,8 @@ class OnnxSGDClassifier(ClassifierMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
 
         Returns
         -------

@@ -73,6 +73,11 @@ class _Runtime:
         self.engine_key = None
 
 
+def _shape_text(sample_shape):
+    """``(n, ...)``: the shape of a batch of samples of ``sample_shape``."""
+    return "(" + ", ".join(["n", *map(str, sample_shape)]) + ")"
+
+
 def _params_key(obj):
     if obj is None:
         return None
@@ -333,6 +338,8 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         sample_weight : array-like of shape (n_samples,), default=None
         eval_set : list of one (X_val, y_val) pair, default=None
@@ -379,6 +386,11 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                     initial_weights, "initial_weights", partial=True)}
             validation = self._validation_data(*validation)
             self._check_scoring()
+            if use_early_stopping and validation is None:
+                # Split before any session is built: a split that cannot be
+                # made is a refusal of the data, like the checks above.
+                (inputs, labels, sample_weight), validation = self._hold_out(
+                    inputs, y, labels, sample_weight)
             self._get_engine()
             return self._run_epochs(
                 inputs, y, labels, sample_weight, uniform, max_iter, use_early_stopping,
@@ -583,9 +595,6 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         engine = self._get_engine()
         engine.set_state(self.weights_, self._update_state, self.running_statistics_)
         schedule_state, learning_rate = self._schedule_state, self._learning_rate
-        if use_early_stopping and validation is None:
-            (inputs, labels, sample_weight), validation = self._hold_out(
-                inputs, y, labels, sample_weight)
         weights = None if uniform else sample_weight
         n = n_samples(inputs)
         batch_size = self._batch_size(n)
@@ -754,11 +763,16 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         """Early stopping's split: ``(inputs, labels, sample_weight)`` of
         the training part, and the :class:`_Validation` part."""
         n = n_samples(inputs)
-        train_idx, val_idx = self._validation_split(n, y, self._rng)
+        try:
+            train_idx, val_idx = self._validation_split(n, y, self._rng)
+        except ValueError:  # scikit-learn's splitter refuses an empty part
+            train_idx = val_idx = ()
         if len(val_idx) == 0 or len(train_idx) == 0:
             raise ValueError(
                 f"validation_fraction={self.validation_fraction} leaves an empty "
-                f"training or validation set for {n} samples."
+                f"training or validation set for {n} samples: give more samples, "
+                "pass the validation data as eval_set=[(X_val, y_val)], or set "
+                "early_stopping=False."
             )
         validation_inputs = take_rows(inputs, val_idx)
         # Predictions (a scorer's X) read no label input.
@@ -1067,18 +1081,90 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         return tuple(shape[1:]) if shape else None
 
     def _probe_label_shape(self, inputs, labels):
-        """Run the graph on one row to learn the trained output's shape."""
-        out = self._predict_raw(take_rows(inputs, slice(0, 1)), self.weights_)
-        label_shape = tuple(out.shape[1:]) if out.ndim > 1 else ()
+        """The trained output's per-sample shape: from onnx's shape inference
+        on the data's shapes when it tells (no onnxruntime call), else from
+        running the graph on one row, checked against y's."""
+        label_shape = self._output_sample_shape(inputs)
         want = labels.shape[1:]
         if int(np.prod(label_shape)) != int(np.prod(want)):
             raise ValueError(
                 f"The graph's output {self.trained_output_!r} has shape "
-                f"{('n',) + label_shape} per batch but y has shape "
-                f"{('n',) + tuple(want)}; they must hold the same number of values "
-                "per sample."
+                f"{_shape_text(label_shape)} but y has shape {_shape_text(want)}; they must "
+                "hold the same number of values per sample: give y one column per value "
+                "of the output, or name another output with output_name=."
             )
         return label_shape
+
+    def _output_sample_shape(self, inputs):
+        """Per-sample shape of the trained output for ``inputs``: by shape
+        inference when it tells (see :meth:`_static_output_shape`), else
+        by running the graph on one row."""
+        shape = self._static_output_shape(inputs)
+        if shape is not None:
+            return shape
+        try:
+            out = self._predict_raw(take_rows(inputs, slice(0, 1)), self.weights_)
+        except RuntimeError as exc:  # onnxruntime's own errors
+            raise ValueError(
+                f"The graph fails on one sample of X fed as {self._fed_shapes(inputs)}: {exc}"
+            ) from exc
+        return tuple(out.shape[1:]) if out.ndim > 1 else ()
+
+    @staticmethod
+    def _fed_shapes(inputs):
+        return "{" + ", ".join(f"{name!r}: {_shape_text(values.shape[1:])}"
+                               for name, values in inputs.items()) + "}"
+
+    def _static_output_shape(self, inputs):
+        """Per-sample shape of the trained output by onnx's shape inference
+        with the data's per-sample shapes, at two batch sizes; None when
+        inference cannot tell.
+
+        Raises
+        ------
+        ValueError
+            When strict inference finds that the data's shapes do not fit
+            a standard operator of the graph (a width the weights cannot
+            take), before onnxruntime would fail on it.
+        """
+        model = self._get_model().forward_model(prediction=True)
+        standard = all(n.domain in ("", "ai.onnx", "ai.onnx.ml") for n in model.graph.node)
+        found = []
+        for batch in (2, 3):
+            probe = onnx.ModelProto()
+            probe.CopyFrom(model)
+            for value in probe.graph.input:
+                if value.name in inputs:
+                    value.CopyFrom(helper.make_tensor_value_info(
+                        value.name, value.type.tensor_type.elem_type,
+                        [batch, *inputs[value.name].shape[1:]]))
+            try:
+                probe = onnx.shape_inference.infer_shapes(probe, strict_mode=True,
+                                                          data_prop=True)
+            except onnx.shape_inference.InferenceError as exc:
+                if not standard:
+                    return None
+                detail = " ".join(str(exc).split())
+                raise ValueError(
+                    f"X does not fit the graph: fed as {self._fed_shapes(inputs)}, the "
+                    f"graph fails onnx's shape inference ({detail}). Give X the per-sample "
+                    "shape the graph's weights take."
+                ) from exc
+            except Exception:  # shape inference cannot tell
+                return None
+            value = next((v for v in list(probe.graph.output) + list(probe.graph.value_info)
+                          if v.name == self.trained_output_), None)
+            if value is None or not value.type.HasField("tensor_type") or \
+                    not value.type.tensor_type.HasField("shape"):
+                return None
+            dims = value.type.tensor_type.shape.dim
+            if not all(d.HasField("dim_value") for d in dims):
+                return None
+            found.append(tuple(d.dim_value for d in dims))
+        (first, *rest), (second, *other) = found[0] or (0,), found[1] or (0,)
+        if (first, second) != (2, 3) or rest != other:
+            return None
+        return tuple(rest)
 
     def _get_model(self):
         """The :class:`OnnxModel` of the fitted graph, built on first use."""

@@ -4,6 +4,7 @@ import numpy as np
 from sklearn.base import RegressorMixin, _fit_context
 from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import column_or_1d
 from numbers import Real
 
 from .callbacks import with_callbacks
@@ -244,6 +245,8 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         sample_weight : array-like of shape (n_samples,), default=None
         eval_set, X_val, y_val : default=None
@@ -266,6 +269,8 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
             Features: a 2-D array or DataFrame (its columns assigned to the
             graph's inputs, see ``input_columns``), an array of the graph
             input's per-sample shape, or a dict ``{input name: array}``.
+            Sparse matrices are refused (a ``TypeError``): pass
+            ``X.toarray()``.
 
         Returns
         -------
@@ -285,9 +290,13 @@ class OnnxSGDRegressor(RegressorMixin, BaseOnnxSGD):
 
     def _validate_targets(self, y, reset, classes=None):
         y = np.asarray(y, dtype=np.float64)
+        if y.ndim == 2 and y.shape[1] == 1:
+            # scikit-learn's SGDRegressor: a column vector is one target
+            # (predictions of shape (n_samples,)), with its warning.
+            y = column_or_1d(y, warn=True)
         if reset:
             self._y_ndim = y.ndim
-        elif y.ndim != self._y_ndim and not (y.ndim == 2 and y.shape[1] == 1):
+        elif y.ndim != self._y_ndim:
             raise ValueError(
                 f"y has {y.ndim} dimensions but the estimator was fitted on "
                 f"{self._y_ndim}-dimensional targets."
