@@ -635,3 +635,37 @@ def test_conv_without_a_window_is_refused_not_a_crash():
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "REFUSED" in result.stdout and "no window along spatial axis 1" in result.stdout, (
         result.stdout)
+
+
+def _float64_conv_graph():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["X", "W"], ["H"]),
+             helper.make_node("ReduceMean", ["H"], ["Y"], axes=[1, 2], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.DOUBLE, ["N", 1, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.DOUBLE, ["N"])],
+        [numpy_helper.from_array(rng.normal(size=(2, 1, 2)), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_function_onnxruntime_refusal_is_a_value_error():
+    """onnxruntime has no float64 Conv on the CPU: its NotImplemented comes
+    out of OnnxFunction as a ValueError that keeps onnxruntime's message."""
+    from onnxfit import OnnxFunction
+
+    with pytest.raises(ValueError, match="onnxruntime could not load.*Conv"):
+        OnnxFunction(_float64_conv_graph())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13: the estimators let onnxruntime's own "
+                   "exceptions (here NotImplemented) through; fix proposed in estimator.py")
+@pytest.mark.parametrize("engine", ["fused", "forward_backward"])
+def test_estimator_onnxruntime_refusal_is_a_value_error(engine):
+    from onnxfit import OnnxSGDRegressor
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(10, 1, 6)), rng.normal(size=10)
+    with pytest.raises(ValueError, match="Conv"):
+        OnnxSGDRegressor(_float64_conv_graph(), max_iter=1, engine=engine).fit(X, y)
