@@ -466,6 +466,15 @@ def _estimator_property(classifier, data, params, method, model, loss, learning_
         assert np.isin(prediction, estimator.classes_).all(), example
     elif _moderate(X):
         assert np.isfinite(prediction).all(), example
+    # The fitted estimator on X of another width, rank or dtype.
+    for other in (np.concatenate([X, X[:, :1]], axis=1) if X.shape[1] else X[:, None],
+                  X.reshape(len(X), -1)[:, :, None], X.astype(np.float64)[:0],
+                  X.astype(str)):
+        try:
+            estimator.predict(other)
+        except Exception as exc:  # noqa: BLE001
+            _check_documented(exc, dict(example, predict_shape=other.shape,
+                                        predict_dtype=str(other.dtype)), counter)
 
 
 _counter_regressor = _Counter()
