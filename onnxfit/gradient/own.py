@@ -100,6 +100,16 @@ class RuleContext(NodeWriter):
         self._shapes = shapes
         self._constant_values = constants
         self._shape_nodes = {}
+        # Shape tensors that spell every dimension out (no -1): a Reshape to
+        # one of them must take a 0 as 0 (allowzero=1), not as "copy the
+        # input's dimension", or an empty value gets the wrong shape.
+        self._exact_shapes = set()
+
+    def Reshape(self, data, shape, **attributes):
+        """``Reshape``, with ``allowzero=1`` to a shape of :meth:`shape_tensor`."""
+        if shape in self._exact_shapes and "allowzero" not in attributes:
+            attributes["allowzero"] = 1
+        return self.op("Reshape", data, shape, **attributes)
 
     # -- what is known about forward values -----------------------------------------
     def shape(self, name):
@@ -138,12 +148,15 @@ class RuleContext(NodeWriter):
         """``Shape(name)``, written once per value."""
         if name not in self._shape_nodes:
             self._shape_nodes[name] = self.Shape(name)
+            self._exact_shapes.add(self._shape_nodes[name])
         return self._shape_nodes[name]
 
     def shape_tensor(self, name):
         """An int64 tensor of ``name``'s shape: a constant when static."""
         static = self.static_shape(name)
-        return self.ints(static) if static is not None else self.shape_of(name)
+        result = self.ints(static) if static is not None else self.shape_of(name)
+        self._exact_shapes.add(result)
+        return result
 
     def fill(self, shape, value, like):
         """A tensor of the int64 ``shape`` filled with ``value``, typed like ``like``."""

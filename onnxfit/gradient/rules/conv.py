@@ -341,7 +341,7 @@ def average_pool(g, node, dys):
     # cannot be resolved when the pool is empty).
     batch_channels = g.reduce("ReduceProd", g.Shape(dy, start=0, end=2), [0], keepdims=1)
     rows = g.Reshape(scaled, g.Concat(batch_channels, g.ints([1]), g.Shape(dy, start=2),
-                                      axis=0))
+                                      axis=0), allowzero=1)
     windows = _windows(g, x, kernel, strides, dilations, pads, node.attr("ceil_mode", 0))
     pads = _begin_pads(pads)
     spread = g.ConvTranspose(rows, window, strides=strides, dilations=dilations, pads=pads)
