@@ -403,19 +403,22 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
     def _snapshot(self):
         """What :meth:`_restore` needs to undo a call: the attributes (a
         call replaces them, never changes them in place, except what is
-        noted here), the lengths of the curves it appends to, and the
-        states of the schedule and the random generator it advances."""
+        noted here), the lengths of the curves it appends to, the states of
+        the schedule and the random generator it advances, and the key of
+        the engine it may rebuild."""
         state = dict(self.__dict__)
         lengths = {name: len(state[name]) for name in _CURVES if state.get(name) is not None}
         schedule = copy.copy(state.get("_schedule_state"))
         rng = state.get("_rng")
-        return state, lengths, schedule, None if rng is None else rng.get_state()
+        runtime = state.get("_runtime")
+        return (state, lengths, schedule, None if rng is None else rng.get_state(),
+                None if runtime is None else runtime.engine_key)
 
     def _restore(self, snapshot):
         """Put back the state :meth:`_snapshot` saw.  scikit-learn's
         callback machinery, set up during the call, stays: it tears the
         callbacks down once the call is over."""
-        state, lengths, schedule, rng_state = snapshot
+        state, lengths, schedule, rng_state, engine_key = snapshot
         callback_context = {k: v for k, v in self.__dict__.items() if k in _CALLBACK_CONTEXT}
         self.__dict__.clear()
         self.__dict__.update(state)
@@ -426,6 +429,12 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             vars(self._schedule_state).update(vars(schedule))
         if rng_state is not None:
             self._rng.set_state(rng_state)
+        runtime = self.__dict__.get("_runtime")
+        if runtime is not None and runtime.engine_key != engine_key:
+            # The call rebuilt the engine for new parameters (another update
+            # rule, say): the restored update state belongs to the old one,
+            # so the next call rebuilds it and reconciles the two.
+            runtime.engine = runtime.engine_key = None
 
     def _check_scoring(self):
         """Resolve ``scoring`` before training (a misspelt scorer fails now,

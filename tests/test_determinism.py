@@ -335,10 +335,6 @@ def test_bad_targets_on_a_later_partial_fit_change_nothing(kind, engine):
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "bug: the failed call's restore keeps the engine rebuilt for the new rule "
-    "(runtime.engine_key) with the old rule's _update_state; the next partial_fit "
-    "skips the rebuild and set_state raises KeyError"))
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_interrupted_call_after_a_change_of_update_rule(engine, monkeypatch):
     """set_params to an update rule with other state, a partial_fit
