@@ -138,6 +138,7 @@ def ort_profile(info, runs=2000):
         elif e.get("cat") == "Session" and e["name"] == "model_run":
             per_run.append(e["dur"])
     os.remove(path)
+    os.rmdir(tmp)  # the folder mkdtemp made, now empty
     total = sum(by_op.values())
     return dict(model_run_us=statistics.median(per_run) if per_run else None,
                 kernel_us=total / max(1, len(per_run)),
