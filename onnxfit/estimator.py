@@ -1321,6 +1321,9 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         check_is_fitted(self, "weights_")
         feeds, _ = to_graph_inputs(self, X, None, self._input_specs(), self.input_columns,
                                    reset=False)
+        # After the cast to the graph's types: a dict X is not checked before,
+        # and float64 values may overflow a float32 input.
+        self._assert_finite_data(feeds, None, "X", None)
         runtime = self._runtime
         if runtime.export_session is None:
             runtime.export_session = make_session(

@@ -128,7 +128,10 @@ def _as_input(values, spec, what):
                 f"{what} feeds the integer graph input {spec.name!r} (category indices) "
                 "but holds values that are not whole numbers."
             )
-    return np.ascontiguousarray(values, dtype=spec.dtype)
+    # A float64 value beyond float32 becomes inf here: the finiteness check
+    # that follows names it, without numpy's overflow warning first.
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(values, dtype=spec.dtype)
 
 
 class InputLayout:

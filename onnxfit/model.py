@@ -72,6 +72,25 @@ def normalise_model(model):
     return model
 
 
+def _value_kind(value):
+    """What a graph value is, in words: 'an int64 tensor', 'a sequence', ..."""
+    kind = value.type.WhichOneof("value")
+    if kind == "tensor_type":
+        elem = value.type.tensor_type.elem_type
+        try:
+            name = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+        except Exception:  # an element type numpy lacks (string, bfloat16...)
+            name = onnx.TensorProto.DataType.Name(elem).lower()
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name} tensor"
+    if kind == "sequence_type":
+        return "a sequence"
+    if kind == "map_type":
+        return "a map"
+    if kind == "optional_type":
+        return "an optional"
+    return "of unknown type"
+
+
 def _free_batch_dimension(model):
     """Make a fixed first dimension of the graph's data input and outputs
     symbolic.
@@ -290,9 +309,14 @@ class OnnxModel:
             ) from exc
         out = next(o for o in forward.graph.output if o.name == output_name)
         if numpy_dtype(tensor_elem_type(out)) is None:
+            producer = next((n for n in self.model.graph.node if output_name in n.output), None)
+            feeding = [i for i in (producer.input if producer is not None else []) if i]
+            hint = f" (the values its node {producer.op_type} reads: {feeding})" \
+                if feeding else ""
             raise ValueError(
-                f"Output {output_name!r} is not a float or double tensor and "
-                "cannot be trained; float tensor outputs are "
+                f"Output {output_name!r} is not a float or double tensor "
+                f"({_value_kind(out)}) and cannot be trained: name a float tensor of the "
+                f"graph with output_name={hint}; float tensor outputs are "
                 f"{self.float_outputs()}."
             )
         forward.ir_version = self.model.ir_version

@@ -52,7 +52,15 @@ from sklearn.utils._param_validation import (
     make_constraint,
 )
 
-from onnxfit import LearningRateAdam, OnnxSGDClassifier, OnnxSGDRegressor
+from onnxfit import (
+    ElasticNetPenalty,
+    HuberLoss,
+    LearningRateAdam,
+    LearningRateSGD,
+    OnnxSGDClassifier,
+    OnnxSGDRegressor,
+    StepSchedule,
+)
 from onnxfit.sessions import runtime_limits
 from tests.graphs import _model, mlp_graph
 from tests.test_divergence import _assert_unchanged, _fitted_state
@@ -147,10 +155,11 @@ def _no_weights():
     )
 
 
-def _no_gradient_rule():
-    """MatMul then an operator without a gradient rule (Hardmax)."""
+def _no_gradient_rule(op="Shrink"):
+    """The MLP then an operator without a gradient rule (Shrink), or
+    ``op``."""
     model = _mlp()
-    model.graph.node.append(helper.make_node("Hardmax", ["Y"], ["H"]))
+    model.graph.node.append(helper.make_node(op, ["Y"], ["H"]))
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("H", TensorProto.FLOAT, ["N", 1]))
     return model
@@ -173,6 +182,26 @@ def _integer_input():
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
         [table],
     )
+
+
+def _batch_norm():
+    """X (N, 5) -> MatMul -> BatchNormalization -> Y (N, 1)."""
+    inits = [numpy_helper.from_array(np.ones((5, 1), np.float32), "W")] + [
+        numpy_helper.from_array(np.full(1, value, np.float32), name)
+        for name, value in (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    return _model(
+        [helper.make_node("MatMul", ["X", "W"], ["H"]),
+         helper.make_node("BatchNormalization", ["H", "scale", "bias", "mean", "var"], ["Y"])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
+        inits,
+    )
+
+
+def _objects():
+    """Parameters that are objects the user keeps (compared after the call)."""
+    return dict(learning_rate=LearningRateSGD(schedule=StepSchedule(step_size=3)),
+                loss=HuberLoss(epsilon=0.5), penalty=ElasticNetPenalty(alpha=1e-3))
 
 
 def _truncated():
@@ -260,6 +289,22 @@ ROWS = [
          kw={"eval_set": [(X[:5], _with(Y[:5], 0, np.inf))]}),
     _row("nan-X_val-partial_fit", fitted_C, "partial_fit", (X, YC), ValueError,
          "Input X_val contains NaN", kw={"X_val": _with(X[:5], 0, np.nan), "y_val": YC[:5]}),
+    _row("nan-X-predict", fitted_R, "predict", (_with(X, 0, np.nan),), ValueError,
+         "Input X contains NaN"),
+    _row("inf-X-decision_function", fitted_C, "decision_function", (_with(X, 0, np.inf),),
+         ValueError, "Input X contains infinity"),
+    _row("nan-X-dict-predict", lambda: fitted_R(onnx_model=_mlp()), "predict",
+         ({"X": _with(X, 0, np.nan)},), ValueError, r"Input X contains NaN"),
+    _row("nan-y-losses", fitted_R, "losses", (X, _with(Y, 0, np.nan)), ValueError,
+         "Input y contains NaN"),
+    _row("nan-X-objects", lambda: R(**_objects()), "fit", (_with(X, 1, np.nan), Y), ValueError,
+         "Input X contains NaN"),
+    _row("nan-X-refit-objects", lambda: fitted_R(**_objects()), "fit",
+         (_with(X, 1, np.nan), Y), ValueError, "Input X contains NaN"),
+    _row("nan-X-refit-dataframe", lambda: R().fit(X_DF, Y), "fit",
+         (X_DF.where(X_DF > -2), Y), ValueError, "Input X contains NaN"),
+    _row("nan-X-partial_fit-dataframe", lambda: R().fit(X_DF, Y), "partial_fit",
+         (X_DF.where(X_DF > -2), Y), ValueError, "Input X contains NaN"),
     # -- sample weights ---------------------------------------------------
     _row("negative-sample_weight", R, "fit", (X, Y, _with(np.ones(N), 0, -1.0)), ValueError,
          "Negative values in data passed to `?sample_weight`?"),
@@ -285,6 +330,8 @@ ROWS = [
          "The number of classes has to be greater than one"),
     _row("one-sample-early-stopping", lambda: R(early_stopping=True), "fit", (X[:1], Y[:1]),
          ValueError, "leaves an empty training or validation set for 1 samples"),
+    _row("one-sample-batch-norm", lambda: fitted_R(onnx_model=_batch_norm()), "partial_fit",
+         (X[:1], Y[:1]), ValueError, "a batch of one sample"),
     _row("y-length", R, "fit", (X, Y[:-1]), ValueError, "inconsistent numbers of samples"),
     _row("1d-X", R, "fit", (X[:, 0], Y), ValueError, "Expected 2D array, got 1D array"),
     _row("scalar-X", R, "fit", (1.0, Y), ValueError, "Expected 2D array, got scalar"),
@@ -315,6 +362,10 @@ ROWS = [
     # -- targets ----------------------------------------------------------------
     _row("y-outputs-graph", lambda: R(onnx_model=_mlp()), "fit", (X, Y2), ValueError,
          r"The graph's output 'Y' has shape \(n, 1\) but y has shape \(n, 2\)"),
+    _row("y-outputs-refit-graph", lambda: fitted_R(onnx_model=_mlp()), "fit", (X, Y2),
+         ValueError, r"The graph's output 'Y' has shape \(n, 1\) but y has shape \(n, 2\)"),
+    _row("y-outputs-warm-start", lambda: fitted_R(onnx_model=_mlp(), warm_start=True), "fit",
+         (X, Y2), ValueError, r"y has 2 dimensions|y has 2 value\(s\) per sample"),
     _row("y-outputs-partial_fit", fitted_R, "partial_fit", (X, Y2), ValueError,
          r"y has 2 value\(s\) per sample, but the estimator was fitted on targets of "
          r"shape \('n', 1\)|y has 2 dimensions"),
@@ -331,6 +382,12 @@ ROWS = [
          "could not convert string to float|dtype='numeric' is not compatible"),
     _row("string-dataframe", lambda: R(onnx_model=_mlp()), "fit",
          (X_DF.assign(c=["x"] * N), Y), ValueError, "could not convert string to float"),
+    _row("X-overflows-float32-graph", lambda: R(onnx_model=_mlp()), "fit",
+         (_with(X, 0, 1e300), Y), ValueError,
+         r"Input X contains infinity or a value too large for dtype\('float32'\)"),
+    _row("X-overflows-float32-predict", lambda: fitted_R(onnx_model=_mlp()), "predict",
+         (_with(X, 0, 1e300),), ValueError,
+         r"Input X contains infinity or a value too large for dtype\('float32'\)"),
     _row("complex-X", R, "fit", (X + 1j, Y), ValueError, "Complex data not supported"),
     _row("float-into-integer-input", lambda: R(onnx_model=_integer_input()), "fit",
          (np.full((N, 2), 0.5), Y), ValueError,
@@ -370,11 +427,20 @@ ROWS = [
          "not an ONNX model|empty"),
     # -- graphs that cannot be trained ---------------------------------------------------
     _row("integer-output", lambda: R(onnx_model=_integer_output()), "fit", (X, Y), ValueError,
-         r"'label' is not a float or double tensor"),
+         r"Output 'label' is not a float or double tensor \(an int64 tensor\).* "
+         r"output_name= \(the values its "
+         r"node ArgMax reads: \['Y'\]\)"),
     _row("sequence-output", lambda: R(onnx_model=_sequence_output()), "fit", (X, Y), ValueError,
-         r"'seq' is not a float or double tensor"),
+         r"Output 'seq' is not a float or double tensor \(a sequence\)"),
     _row("map-output", lambda: R(onnx_model=_map_output()), "fit", (X, Y), ValueError,
-         r"'probabilities' is not a float or double tensor|No output of the graph is a float"),
+         r"Output 'probabilities' is not a float or double tensor \(a sequence\)"
+         r".*ZipMap reads: \['Y'\]"),
+    _row("integer-output-classifier", lambda: C(onnx_model=_integer_output(),
+                                                output_name="label"), "fit", (X, YC),
+         ValueError, r"output_name='label' holds labels"),
+    _row("map-output-classifier", lambda: C(onnx_model=_map_output(),
+                                            output_name="probabilities"), "fit", (X, YC),
+         ValueError, r"output_name='probabilities' is a ZipMap output"),
     _row("weights-unknown", lambda: R(onnx_model=_mlp(), weights_to_train=["W9"]), "fit",
          (X, Y), ValueError, r"unknown initializers \['W9'\]"),
     _row("weights-integer", lambda: R(onnx_model=_with_int_and_constant(),
@@ -390,7 +456,12 @@ ROWS = [
     _row("no-trainable-weight", lambda: R(onnx_model=_no_weights()), "fit", (X, Y), ValueError,
          "no floating-point initializer"),
     _row("no-gradient-rule", lambda: R(onnx_model=_no_gradient_rule()), "fit", (X, Y),
-         ValueError, "Hardmax"),
+         ValueError, r"onnxfit has no gradient rule for Shrink \(node 'H'\)"),
+    _row("no-gradient-rule-forward_backward",
+         lambda: R(onnx_model=_no_gradient_rule(), engine="forward_backward"), "fit", (X, Y),
+         ValueError, r"onnxfit has no gradient rule for Shrink"),
+    _row("zero-derivative-op", lambda: R(onnx_model=_no_gradient_rule("Hardmax")), "fit",
+         (X, Y), ValueError, r"only through operators whose derivative is zero \(Hardmax"),
     _row("opset-too-new", lambda: R(onnx_model=_too_new()), "fit", (X, Y), ValueError,
          r"The graph uses opset 10000; onnxfit trains graphs at opset 17 to \d+"),
     _row("output_name-unknown", lambda: R(onnx_model=_mlp(), output_name="nope"), "fit",
@@ -411,6 +482,12 @@ ROWS = [
     _row("label-unseen-score", fitted_C, "losses", (X, _with(YC, 0, 9).astype(int)),
          ValueError, r"\b9\b.*classes \[0, 1, 2\]"),
     # -- not fitted, runtime builds, parameters used together -----------------------------
+    _row("warm-start-graph-changed", lambda: fitted_R(onnx_model=_mlp(), warm_start=True)
+         .set_params(onnx_model=mlp_graph(5, [3], 1)), "fit", (X, Y), ValueError,
+         "warm_start=True keeps the weights of the previous fit"),
+    _row("partial_fit-config-changed", lambda: fitted_R(onnx_model=_mlp())
+         .set_params(weights_to_train=["W1"]), "partial_fit", (X, Y), ValueError,
+         "weights_to_train, output_name, loss_output or train_mode changed"),
     _row("predict-unfitted", R, "predict", (X,), NotFittedError, "is not fitted yet"),
     _row("predict_proba-unfitted", C, "predict_proba", (X,), NotFittedError,
          "is not fitted yet"),
@@ -616,3 +693,17 @@ def test_two_column_y_stays_two_columns():
 def test_table_size():
     # The closing note of issue 13 counts the rows.
     assert len(ROWS) >= 80
+
+
+# -- a model newer than the installed onnxruntime -----------------------------------------------
+def test_ir_version_above_the_runtime_is_lowered():
+    # Not refused: the IR version is lowered to the runtime's highest (the
+    # opset is converted down likewise when onnx can; else the
+    # 'opset-too-new' row's error).
+    model = _mlp()
+    model.ir_version = runtime_limits()[0] + 5
+    est = R(onnx_model=model).fit(X, Y)
+    assert est.onnx_model_.ir_version == runtime_limits()[0]
+    assert model.ir_version == runtime_limits()[0] + 5  # the user's proto is not changed
+    assert est.predict(X).shape == (N,)
+
