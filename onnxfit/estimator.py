@@ -78,6 +78,27 @@ def _shape_text(sample_shape):
     return "(" + ", ".join(["n", *map(str, sample_shape)]) + ")"
 
 
+def _check_indices(inputs, model):
+    """Category indices of ``inputs`` within the embedding tables that the
+    graph's Gather nodes read them from (see :meth:`OnnxModel.index_tables`):
+    onnxruntime would stop mid-training on one out of range."""
+    for name, tables in model.index_tables().items():
+        values = inputs.get(name)
+        if values is None or not values.size:
+            continue
+        low, high = int(values.min()), int(values.max())
+        for node, table, rows in tables:
+            if low < -rows or high >= rows:
+                label = f"Gather node {node.name!r}" if node.name else "a Gather node"
+                raise ValueError(
+                    f"X feeds the graph input {name!r} category indices from {low} to "
+                    f"{high}, but {label} reads them as rows of {table!r}, which has "
+                    f"{rows}: indices must lie in [0, {rows - 1}] (or count from the end, "
+                    f"down to -{rows}). Encode the categories as 0 to {rows - 1} "
+                    "(OrdinalEncoder), or give the graph a larger table."
+                )
+
+
 def _params_key(obj):
     if obj is None:
         return None
@@ -486,6 +507,9 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                     ensure_non_negative=True,
                 )
         self._assert_finite_data(inputs, y, "X", "y")
+        model = onnx_model if rebuild else self._get_model()
+        if model is not None:
+            _check_indices(inputs, model)
         if sample_weight is not None:
             assert_finite(sample_weight, "sample_weight", self)
         labels = self._validate_targets(y, reset=start, classes=classes)
@@ -818,6 +842,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                 self, X, y, self._input_specs(), self.input_columns, reset=False,
                 multi_output=True, y_numeric=self._y_numeric)
         self._assert_finite_data(inputs, y, x_name, y_name)
+        _check_indices(inputs, self._get_model())
         labels = self._training_labels(self._validate_targets(y, reset=False))
         if self._label_input is not None:
             inputs[self._label_input] = self._graph_labels(labels, self._label_spec())
@@ -1142,6 +1167,13 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         for batch in (2, 3):
             probe = onnx.ModelProto()
             probe.CopyFrom(model)
+            # Only what X implies: shapes the graph declares for its values
+            # (often wrong in exported graphs, and onnxruntime ignores them)
+            # are inferred again.
+            del probe.graph.value_info[:]
+            for value in probe.graph.output:
+                if value.type.HasField("tensor_type"):
+                    value.type.tensor_type.ClearField("shape")
             for value in probe.graph.input:
                 if value.name in inputs:
                     value.CopyFrom(helper.make_tensor_value_info(
@@ -1324,6 +1356,7 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         # After the cast to the graph's types: a dict X is not checked before,
         # and float64 values may overflow a float32 input.
         self._assert_finite_data(feeds, None, "X", None)
+        _check_indices(feeds, self._get_model())
         runtime = self._runtime
         if runtime.export_session is None:
             runtime.export_session = make_session(

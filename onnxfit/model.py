@@ -382,6 +382,28 @@ class OnnxModel:
             raise ValueError(f"weights_to_train has duplicates: {names}.")
         return [n for n in float_inits if n in names]
 
+    def index_tables(self):
+        """Integer data inputs that a Gather reads directly as indices into
+        an initializer (an embedding table): input name -> list of
+        ``(node, table name, rows)``, rows being the table's size along
+        the gathered axis."""
+        if getattr(self, "_index_tables", None) is None:
+            graph = self.model.graph
+            inits = {i.name: i for i in graph.initializer}
+            found = {}
+            for node in graph.node:
+                if (node.op_type != "Gather" or node.domain not in ("", "ai.onnx")
+                        or len(node.input) != 2 or node.input[0] not in inits
+                        or node.input[1] not in self.input_names):
+                    continue
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                dims = list(inits[node.input[0]].dims)
+                if -len(dims) <= axis < len(dims):
+                    found.setdefault(node.input[1], []).append(
+                        (node, node.input[0], int(dims[axis])))
+            self._index_tables = found
+        return self._index_tables
+
     def running_statistics(self):
         """Initializers that only serve as BatchNormalization's running mean
         and variance: statistics, not parameters, so not trained unless

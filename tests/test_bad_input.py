@@ -175,12 +175,13 @@ def _too_new():
 def _integer_input():
     """An embedding lookup: int64 category indices into a (4, 1) table."""
     table = numpy_helper.from_array(np.ones((4, 1), np.float32), "E")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
     return _model(
-        [helper.make_node("Gather", ["E", "C"], ["G"]),
-         helper.make_node("ReduceSum", ["G"], ["Y"], keepdims=0)],
+        [helper.make_node("Gather", ["E", "C"], ["G"], name="embedding"),
+         helper.make_node("ReduceSum", ["G", "axes"], ["Y"], keepdims=0)],
         [helper.make_tensor_value_info("C", TensorProto.INT64, ["N", 2])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
-        [table],
+        [table, axes],
     )
 
 
@@ -392,6 +393,18 @@ ROWS = [
     _row("float-into-integer-input", lambda: R(onnx_model=_integer_input()), "fit",
          (np.full((N, 2), 0.5), Y), ValueError,
          "integer graph input 'C' .* not whole numbers"),
+    _row("index-out-of-table", lambda: R(onnx_model=_integer_input()), "fit",
+         (np.full((N, 2), 4), Y), ValueError,
+         r"'C' category indices from 4 to 4, but Gather node 'embedding' reads them as rows "
+         r"of 'E', which has 4: indices must lie in \[0, 3\]"),
+    _row("index-below-table-dict", lambda: R(onnx_model=_integer_input()), "fit",
+         ({"C": np.full((N, 2), -5)}, Y), ValueError, r"category indices from -5 to -5"),
+    _row("index-out-of-table-predict",
+         lambda: R(onnx_model=_integer_input()).fit(np.ones((N, 2)), Y), "predict",
+         (np.full((3, 2), 9),), ValueError, r"category indices from 9 to 9"),
+    _row("index-out-of-table-X_val", lambda: R(onnx_model=_integer_input()), "fit",
+         (np.ones((N, 2)), Y), ValueError, r"category indices from 0 to 7",
+         kw={"X_val": np.array([[0, 7]] * 3), "y_val": Y[:3]}),
     _row("string-dict-input", lambda: R(onnx_model=_mlp()), "fit",
          ({"X": np.array([["a"] * 5] * N)}, Y), ValueError,
          r"X\['X'\] holds <U1 values|could not convert string to float"),
