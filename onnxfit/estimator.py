@@ -506,6 +506,11 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
                     sample_weight, np.empty((n_samples(inputs), 0)), dtype=np.float64,
                     ensure_non_negative=True,
                 )
+                if not np.any(sample_weight):  # scikit-learn < 1.7 lets it through
+                    raise ValueError(
+                        "sample_weight is all zeros, so no sample would count: give at "
+                        "least one positive weight."
+                    )
         self._assert_finite_data(inputs, y, "X", "y")
         model = onnx_model if rebuild else self._get_model()
         if model is not None:

@@ -28,9 +28,8 @@ Decisions the rows document:
 
 import copy
 import pickle
-import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Callable
 
@@ -38,6 +37,7 @@ import joblib
 import numpy as np
 import onnx
 import onnxruntime
+from onnxruntime.capi import onnxruntime_pybind11_state as native
 import pandas as pd
 import pytest
 import scipy.sparse
@@ -240,24 +240,24 @@ def fitted_C(**params):
 
 @dataclass
 class Row:
+    """One bad call: ``estimator(tmp_path)`` (fitted or not), then
+    ``getattr(estimator, method)(*args, **kwargs)`` raises ``error`` with a
+    message matching ``match``."""
+
     id: str
-    estimator: Callable  # (tmp_path) -> estimator
+    estimator: Callable
     method: str
-    args: Callable  # (tmp_path) -> (args, kwargs)
+    args: tuple
+    kwargs: dict
     error: type
     match: str
-    marks: list = field(default_factory=list)
 
 
-def _row(id, estimator, method, args, error, match, **kwargs):
-    """``args``: a tuple of positional arguments, or a callable of tmp_path
-    giving ``(args, kwargs)``; ``kwargs`` of the call under ``kw``."""
-    call_kwargs = kwargs.pop("kw", {})
-    if not callable(args):
-        positional = args
-        args = lambda tmp_path: (copy.deepcopy(positional), copy.deepcopy(call_kwargs))  # noqa: E731
+def _row(id, estimator, method, args, error, match, kw=None):
+    """``estimator``: a factory, of ``tmp_path`` when it needs a folder;
+    ``kw``: the call's keyword arguments."""
     make = estimator if _takes_path(estimator) else (lambda tmp_path, e=estimator: e())
-    return Row(id, make, method, args, error, match, **kwargs)
+    return Row(id, make, method, args, kw or {}, error, match)
 
 
 def _takes_path(function):
@@ -266,6 +266,9 @@ def _takes_path(function):
 
 
 N = X.shape[0]
+# scikit-learn's message from 1.7, onnxfit's before.
+ZERO_WEIGHTS = ("Sample weights must contain at least one non-zero number"
+                "|sample_weight is all zeros")
 X_DF = pd.DataFrame(X, columns=list("abcde"))
 
 ROWS = [
@@ -314,9 +317,9 @@ ROWS = [
     _row("2d-sample_weight", R, "fit", (X, Y, np.ones((N, 2))), ValueError,
          "Sample weights must be 1D array or scalar"),
     _row("zero-sample_weight", R, "fit", (X, Y, np.zeros(N)), ValueError,
-         "Sample weights must contain at least one non-zero number"),
+         ZERO_WEIGHTS),
     _row("zero-sample_weight-partial_fit", fitted_R, "partial_fit", (X, Y, np.zeros(N)),
-         ValueError, "Sample weights must contain at least one non-zero number"),
+         ValueError, ZERO_WEIGHTS),
     _row("string-sample_weight", R, "fit", (X, Y, np.array(["a"] * N)), ValueError,
          "could not convert string to float"),
     # -- sizes --------------------------------------------------------------
@@ -571,19 +574,27 @@ def _assert_same(before, after, where="argument"):
 
 
 class _RuntimeCalls:
-    """Records the onnxruntime sessions made and run."""
+    """Records the onnxruntime sessions made and run once ``armed``: the
+    Python class and the native one (the engines call a native session's
+    ``run_with_iobinding`` directly, bound when a fit built them, so the
+    patches go in before the estimator is made)."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        cls = onnxruntime.InferenceSession
-        for name in ("__init__", "run", "run_with_iobinding"):
-            original = getattr(cls, name)
+        self.armed = False
+        for cls, names in ((onnxruntime.InferenceSession,
+                            ("__init__", "run", "run_with_iobinding")),
+                           (native.InferenceSession, ("run", "run_with_iobinding"))):
+            for name in names:
+                original = getattr(cls, name)
 
-            def recorded(session, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(session, *args, **kwargs)
+                def recorded(session, *args, _name=f"{cls.__module__}.{name}",
+                             _original=original, **kwargs):
+                    if self.armed:
+                        self.calls.append(_name)
+                    return _original(session, *args, **kwargs)
 
-            monkeypatch.setattr(cls, name, recorded)
+                monkeypatch.setattr(cls, name, recorded)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -594,14 +605,15 @@ def _probe_runtime_limits():
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input(row, tmp_path, monkeypatch):
+    runtime = _RuntimeCalls(monkeypatch)
     estimator = row.estimator(tmp_path)
-    args, kwargs = row.args(tmp_path)
+    args, kwargs = copy.deepcopy((row.args, row.kwargs))
     fitted = hasattr(estimator, "weights_")
     if fitted:
         state = pickle.loads(pickle.dumps(_fitted_state(estimator)))
     given = _snapshot((args, kwargs))
     params = _snapshot(estimator.get_params(deep=False))
-    runtime = _RuntimeCalls(monkeypatch)
+    runtime.armed = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataConversionWarning)
         with pytest.raises(row.error, match=row.match) as info:
@@ -657,6 +669,7 @@ def test_parameter_constraint(cls, name, monkeypatch):
     value = _invalid_value(cls._parameter_constraints[name])
     est = cls(**{"max_iter": 2, name: value})
     runtime = _RuntimeCalls(monkeypatch)
+    runtime.armed = True
     y = YC if cls is OnnxSGDClassifier else Y
     with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter of {cls.__name__}"):
         est.fit(X, y)
@@ -720,3 +733,16 @@ def test_ir_version_above_the_runtime_is_lowered():
     assert model.ir_version == runtime_limits()[0] + 5  # the user's proto is not changed
     assert est.predict(X).shape == (N,)
 
+
+
+def test_the_recorder_sees_onnxruntime(monkeypatch):
+    # The check of the rows is not vacuous: a call that does run the graph
+    # is seen, through the native binding the engines call directly too.
+    runtime = _RuntimeCalls(monkeypatch)
+    est = fitted_R(onnx_model=_mlp())
+    runtime.armed = True
+    est.partial_fit(X, Y)
+    assert any(name.endswith("run_with_iobinding") for name in runtime.calls)
+    runtime.calls.clear()
+    est.predict(X)
+    assert runtime.calls
