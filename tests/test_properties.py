@@ -696,3 +696,35 @@ def test_gradients_of_empty_values_keep_their_shapes():
     grads = f.backward(np.ones_like(y))
     assert y.shape == (0, 0, 2)
     assert {k: v.shape for k, v in grads.items()} == {k: v.shape for k, v in weights.items()}
+
+
+_SIGSEGV_GRAPH = textwrap.dedent("""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxfit import OnnxFunction
+
+    # A 3-D AveragePool whose window is longer than its input along one axis
+    # (an empty pool), spatial sizes symbolic: its gradient's ConvTranspose
+    # got an input empty along that axis, and onnxruntime's 3-D
+    # ConvTranspose crashed on it (SIGSEGV) in the backward pass.
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 2, 2), np.float32), "W")
+    nodes = [helper.make_node("Conv", ["X", "W"], ["H"], strides=[2, 1, 2]),
+             helper.make_node("AveragePool", ["H"], ["Y"], kernel_shape=[2, 2, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 1, "a", "b", "c"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2, "d", "e", "f"])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 8
+    f = OnnxFunction(model)
+    y = f.forward(np.ones((1, 1, 2, 5, 2), np.float32), f.initial_weights())
+    grads = f.backward(np.ones_like(y))
+    print("SHAPES", y.shape, grads["W"].shape, bool(np.any(grads["W"])))
+""")
+
+
+def test_average_pool_3d_empty_gradient_is_not_a_crash():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", _SIGSEGV_GRAPH], check=False, cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "SHAPES (1, 2, 0, 3, 1) (2, 1, 1, 2, 2) False" in result.stdout, result.stdout

@@ -343,6 +343,14 @@ def average_pool(g, node, dys):
     rows = g.Reshape(scaled, g.Concat(batch_channels, g.ints([1]), g.Shape(dy, start=2),
                                       axis=0), allowzero=1)
     windows = _windows(g, x, kernel, strides, dilations, pads, node.attr("ceil_mode", 0))
+    if rank >= 3 and (windows is None or 0 in windows):
+        # onnxruntime's ConvTranspose of three or more spatial axes crashes
+        # (SIGSEGV) on an input empty along one of them, as an empty pool
+        # gives: one more window of zeros at the end of each axis, which
+        # spreads zeros past X's end, cut off below.
+        rows = g.Pad(rows, g.ints([0] * (2 + rank) + [0, 0] + [1] * rank))
+        if windows is not None:
+            windows = [w + 1 for w in windows]
     pads = _begin_pads(pads)
     spread = g.ConvTranspose(rows, window, strides=strides, dilations=dilations, pads=pads)
     spread = _fit_spatial(g, spread, x, _spread_size(windows, kernel, strides, dilations, pads))
