@@ -72,6 +72,21 @@ def _onnxruntime_errors():
 _ORT_ERRORS = _onnxruntime_errors()
 
 
+def _deep_conv_transposes(graph):
+    """Names of the ConvTranspose nodes of ``graph`` with three or more
+    spatial axes (their kernel_shape, or their weight's initializer)."""
+    initializers = {i.name: len(i.dims) for i in graph.initializer}
+    found = []
+    for node in graph.node:
+        if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx"):
+            continue
+        kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
+        rank = len(kernel) if kernel else initializers.get(node.input[1], 0) - 2
+        if rank >= 3:
+            found.append(node.name or node.output[0])
+    return found
+
+
 def _run_error(exc, what):
     """A ValueError carrying onnxruntime's message ``exc`` about ``what``."""
     message = str(exc).strip()
@@ -329,6 +344,7 @@ class OnnxFunction:
             for name in self.weight_names
         }
         self._specs = {spec.name: spec for spec in self._model.input_specs}
+        self._deep_conv_transposes = _deep_conv_transposes(model.graph)
         self.masks, self.running_statistics, self._statistics = [], {}, {}
         if self.train_mode:
             trained = training_graph(
@@ -475,6 +491,16 @@ class OnnxFunction:
                     f"its masks are {[mask.name for mask in self.masks]}."
                 )
         batch = next(iter(inputs.values())).shape()[0]
+        if self._deep_conv_transposes and batch:
+            empty = {name: tuple(inputs[name].shape()) for name in self.input_names
+                     if 0 in tuple(inputs[name].shape())[1:]}
+            if empty:
+                raise ValueError(
+                    f"X is empty along an axis other than the batch ({empty}), and the graph "
+                    f"has a ConvTranspose with three or more spatial axes "
+                    f"({self._deep_conv_transposes[0]!r}): onnxruntime's kernel crashes the "
+                    "process on such inputs. Give every sample at least one position "
+                    "along each axis.")
         for mask in self.masks:
             shape = mask.shape_for(batch)
             if masks is not None and mask.name in masks:

@@ -175,8 +175,9 @@ def _window_graph(draw):
     def sizes(low, high, count=rank):
         return st.lists(st.integers(low, high), min_size=count, max_size=count)
 
-    ops = ["Conv"] + draw(st.lists(st.sampled_from(["Conv", "AveragePool", "AveragePool",
-                                                    "MaxPool", "Relu"]), max_size=2))
+    ops = [draw(st.sampled_from(["Conv", "Conv", "ConvTranspose"]))] + draw(st.lists(
+        st.sampled_from(["Conv", "ConvTranspose", "AveragePool", "AveragePool", "MaxPool",
+                         "Relu"]), max_size=2))
     layers = []
     for op in ops:
         attrs = {}
@@ -192,10 +193,10 @@ def _window_graph(draw):
                 attrs["auto_pad"] = draw(st.sampled_from(["SAME_UPPER", "SAME_LOWER", "VALID"]))
             if op != "AveragePool" and draw(st.booleans()):
                 attrs["dilations"] = draw(sizes(1, 2))
-        if op == "Conv":
+        if op in ("Conv", "ConvTranspose"):
             attrs["out"] = draw(_rarely(st.integers(1, 3), st.just(0)))
-            if draw(st.booleans()):
-                attrs["group"] = draw(_rarely(st.integers(1, 2), st.just(0)))
+        if op == "Conv" and draw(st.booleans()):
+            attrs["group"] = draw(_rarely(st.integers(1, 2), st.just(0)))
         if op in ("AveragePool", "MaxPool") and draw(st.booleans()):
             attrs["ceil_mode"] = draw(st.integers(0, 1))
         if op == "AveragePool" and draw(st.booleans()):
@@ -209,7 +210,7 @@ def _window_graph(draw):
     if corrupt is not None:
         index, name, value = corrupt
         op, attrs = layers[index]
-        if op == "Conv" or (op != "Relu" and name != "group"):
+        if op in ("Conv", "ConvTranspose") or (op != "Relu" and name != "group"):
             count = 2 * rank if name == "pads" else 1 if name == "group" else rank
             if name == "pads":
                 value = -1
@@ -269,6 +270,14 @@ def _build_graph(spec, dtype, rng):
                 w = weight(f"W{k}", [n_out, per_group] + [max(int(s), 1) for s in kernel])
                 nodes.append(helper.make_node("Conv", [current, w, weight(f"B{k}", (n_out,))],
                                               [out], kernel_shape=kernel, **attrs))
+                channels = n_out
+            elif op == "ConvTranspose":
+                n_out = attrs.pop("out")
+                kernel = attrs.pop("kernel_shape")
+                w = weight(f"W{k}", [channels, n_out] + [max(int(s), 1) for s in kernel])
+                nodes.append(helper.make_node(
+                    "ConvTranspose", [current, w, weight(f"B{k}", (n_out,))], [out],
+                    kernel_shape=kernel, **attrs))
                 channels = n_out
             elif op == "Relu":
                 nodes.append(helper.make_node("Relu", [current], [out]))
@@ -728,3 +737,64 @@ def test_average_pool_3d_empty_gradient_is_not_a_crash():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "SHAPES (1, 2, 0, 3, 1) (2, 1, 1, 2, 2) False" in result.stdout, result.stdout
+
+
+def test_deep_conv_transpose_on_an_empty_axis_is_refused_not_a_crash():
+    """onnxruntime's ConvTranspose of three spatial axes crashes (SIGSEGV)
+    on an input empty along one of them: OnnxFunction refuses it first."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxfit import OnnxFunction
+
+        w = numpy_helper.from_array(np.ones((1, 1, 1, 2, 1), np.float32), "W")
+        graph = helper.make_graph(
+            [helper.make_node("ConvTranspose", ["X", "W"], ["Y"])], "g",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 1, "a", "b", "c"])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1, "d", "e", "f"])],
+            [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        f = OnnxFunction(model)
+        print("EMPTY BATCH", f.forward(np.ones((0, 1, 2, 1, 2), np.float32),
+                                       f.initial_weights()).shape)
+        try:
+            f.forward(np.ones((2, 1, 2, 0, 2), np.float32), f.initial_weights())
+        except ValueError as exc:
+            print("REFUSED", exc)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "EMPTY BATCH (0, 1, 2, 2, 2)" in result.stdout, result.stdout
+    assert "REFUSED" in result.stdout and "ConvTranspose" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("length, kernel, stride", [(1, 2, 2), (3, 4, 2), (3, 5, 3), (2, 3, 1)])
+def test_average_pool_partial_windows_static_as_symbolic(length, kernel, stride):
+    """An input shorter than the pool's window: onnxruntime truncates the
+    window count towards 0 (one partial window, or none); the gradient of a
+    graph with static sizes agrees with the one with symbolic sizes (the
+    static one was refused, or failed in onnxruntime, where the window
+    count was computed with a floor)."""
+    from onnxfit import OnnxFunction
+
+    results = []
+    for dims in ([length], ["L"]):
+        nodes = [helper.make_node("Conv", ["X", "W"], ["H"]),
+                 helper.make_node("AveragePool", ["H"], ["Y"], kernel_shape=[kernel],
+                                  strides=[stride])]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 1, *dims])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1, "l"])],
+            [numpy_helper.from_array(np.full((1, 1, 1), 0.5, np.float32), "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        model.ir_version = 8
+        f = OnnxFunction(model)
+        X = np.arange(2 * length, dtype=np.float32).reshape(2, 1, length)
+        y = f.forward(X, f.initial_weights())
+        results.append((y, f.backward(np.ones_like(y))["W"]))
+    (y_static, dw_static), (y_symbolic, dw_symbolic) = results
+    np.testing.assert_array_equal(y_static, y_symbolic)
+    np.testing.assert_allclose(dw_static, dw_symbolic, rtol=1e-6)

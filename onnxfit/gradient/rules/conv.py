@@ -102,8 +102,16 @@ def _windows(g, x, kernel, strides, dilations, pads, ceil_mode=0):
     if sizes is None or ceil_mode:
         return None
     rank = len(kernel)
-    return [(n + pads[i] + pads[rank + i] - (k - 1) * d - 1) // s + 1
-            for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
+    # onnxruntime truncates the quotient towards 0: a pool shorter than its
+    # window by less than a stride still has one (partial) window, by less
+    # than two none (a Conv shorter than its kernel is refused before, see
+    # _require_windows).
+    counts = []
+    for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations)):
+        shortfall = n + pads[i] + pads[rank + i] - (k - 1) * d - 1
+        quotient = shortfall // s if shortfall >= 0 else -(-shortfall // s)
+        counts.append(max(0, quotient + 1))
+    return counts
 
 
 def _require_windows(g, node, x, kernel, strides, dilations, pads, empty_ok=False):
@@ -111,7 +119,8 @@ def _require_windows(g, node, x, kernel, strides, dilations, pads, empty_ok=Fals
 
     A Conv needs the padded input at least as large as the kernel's reach,
     ``(kernel - 1) * dilation + 1``; a pool may be empty (onnxruntime gives
-    0 windows for an input short of the reach by less than a stride).
+    0 windows for an input short of the reach by less than two strides:
+    it truncates ``shortfall / stride + 1`` towards 0).
     Otherwise onnxruntime fails at run time, and onnx's shape inference of
     the gradient graph (whose sizes would be negative) can abort the
     process: a clear ValueError first.
@@ -123,7 +132,7 @@ def _require_windows(g, node, x, kernel, strides, dilations, pads, empty_ok=Fals
     for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations)):
         span = n + pads[i] + pads[rank + i]
         reach = (k - 1) * d + 1
-        if span >= reach or (empty_ok and span - reach > -s):
+        if span >= reach or (empty_ok and span - reach > -2 * s):
             continue
         label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
         raise ValueError(
