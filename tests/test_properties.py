@@ -798,3 +798,33 @@ def test_average_pool_partial_windows_static_as_symbolic(length, kernel, stride)
     (y_static, dw_static), (y_symbolic, dw_symbolic) = results
     np.testing.assert_array_equal(y_static, y_symbolic)
     np.testing.assert_allclose(dw_static, dw_symbolic, rtol=1e-6)
+
+
+def test_conv_transpose_without_output_is_refused_not_a_crash():
+    """A ConvTranspose whose pads remove more than its input spreads to:
+    onnx's shape inference of the gradient graph aborted the process
+    (SIGABRT, std::clamp assertion) while the function was built."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from onnxfit import OnnxFunction
+        from tests.test_properties import _build_graph
+
+        # The example the search found (0 channels in, 0 out of the first Conv).
+        spec = {"kind": "window", "rank": 2, "channels": 0, "spatial": [2, 3], "static": True,
+                "layers": [
+                    ("Conv", {"kernel_shape": [2, 1], "strides": [3, 2], "pads": [0, 2, 0, 2],
+                              "out": 0, "group": 1}),
+                    ("ConvTranspose", {"kernel_shape": [2, 1], "pads": [1, 0, 2, 2], "out": 2}),
+                    ("Conv", {"kernel_shape": [1, 2], "pads": [0, 2, 2, 1], "dilations": [2, 1],
+                              "out": 1})]}
+        model, _ = _build_graph(spec, np.float32, np.random.default_rng(0))
+        try:
+            OnnxFunction(model, input_gradient=True)
+        except ValueError as exc:
+            print("REFUSED", exc)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "REFUSED" in result.stdout and "ConvTranspose" in result.stdout, result.stdout

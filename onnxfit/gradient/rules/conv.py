@@ -260,6 +260,29 @@ def _transpose_pads(g, node, x, kernel, strides, dilations):
     return begins + ends
 
 
+def _require_transpose_output(g, node, x, kernel, strides, dilations, pads):
+    """Refuse a ConvTranspose whose (static) output would have no position
+    along some axis (pads larger than what the input spreads to):
+    onnxruntime refuses it at run time, and onnx's shape inference of the
+    gradient graph can abort the process on it."""
+    sizes = _spatial_sizes(g, x)
+    if sizes is None:
+        return
+    rank = len(kernel)
+    padding = node.attr("output_padding") or [0] * rank
+    for i, (n, p, k, s, d) in enumerate(zip(sizes, padding, kernel, strides, dilations)):
+        size = s * (n - 1) + p + (k - 1) * d + 1 - pads[i] - pads[rank + i]
+        if size >= 1:
+            continue
+        label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
+        raise ValueError(
+            f"The graph's {label} has an output of size {size} along spatial axis {i}: its "
+            f"input there has {n} positions, spread by kernel_shape {k}, stride {s} and "
+            f"dilation {d} over fewer positions than pads {pads[i]} + {pads[rank + i]} "
+            "remove. Give the graph a larger input, or smaller pads."
+        )
+
+
 @rule("ConvTranspose")
 def conv_transpose(g, node, dys):
     dy, = dys
@@ -269,6 +292,7 @@ def conv_transpose(g, node, dys):
     strides = [int(s) for s in node.attr("strides") or [1] * len(kernel)]
     dilations = [int(d) for d in node.attr("dilations") or [1] * len(kernel)]
     pads = _transpose_pads(g, node, x, kernel, strides, dilations)
+    _require_transpose_output(g, node, x, kernel, strides, dilations, pads)
     grads = [None] * len(node.input)
     if node.needs(0):
         gathered = g.Conv(dy, w, strides=strides, dilations=dilations, pads=pads, group=group)
