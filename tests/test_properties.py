@@ -828,3 +828,42 @@ def test_conv_transpose_without_output_is_refused_not_a_crash():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "REFUSED" in result.stdout and "ConvTranspose" in result.stdout, result.stdout
+
+
+_HANG_GRAPHS = textwrap.dedent("""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxfit import OnnxFunction
+
+    def model(op, w_shape, x_dims, y_dims):
+        w = numpy_helper.from_array(np.ones(w_shape, np.float32), "W")
+        graph = helper.make_graph(
+            [helper.make_node(op, ["X", "W"], ["Y"])], "g",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 1, *x_dims])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1, *y_dims])], [w])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    # A ConvTranspose's weight gradient is a Conv whose kernel is the input:
+    # an input empty along an axis gave onnxruntime's Conv an empty kernel,
+    # and it never returned.
+    f = OnnxFunction(model("ConvTranspose", (1, 1, 3, 3), ["a", "b"], ["c", "d"]))
+    y = f.forward(np.ones((1, 1, 0, 2), np.float32), f.initial_weights())
+    grads = f.backward(np.ones_like(y))
+    print("GRADIENT", y.shape, grads["W"].shape, bool(np.any(grads["W"])))
+    # The same from a graph's own Conv with an empty weight: refused.
+    try:
+        OnnxFunction(model("Conv", (1, 1, 0, 2), ["a", "b"], ["c", "d"]))
+    except ValueError as exc:
+        print("REFUSED", exc)
+""")
+
+
+def test_empty_kernels_do_not_hang():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", _HANG_GRAPHS], check=False, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "GRADIENT (1, 1, 2, 4) (1, 1, 3, 3) False" in result.stdout, result.stdout
+    assert "REFUSED" in result.stdout and "empty kernel" in result.stdout, result.stdout

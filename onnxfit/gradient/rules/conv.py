@@ -172,13 +172,20 @@ def _input_gradient(g, dy, w, x, kernel, strides, dilations, pads, group):
     return _fit_spatial(g, spread, x, _spread_size(windows, kernel, strides, dilations, pads))
 
 
-def _weight_gradient(g, inp, dout, kernel, strides, dilations, pads, group, per_group):
+def _weight_gradient(g, inp, dout, kernel, strides, dilations, pads, group, per_group,
+                     maybe_empty=False):
     """``dW[m, c, k] = sum over n, o of dout[n, m, o] inp[n, G(m) + c, o s + k d - pad]``.
 
     Written as one Conv: the input's channels become its batch (grouped
     channels stacked as ``(per_group, group * N, ...)``), ``dout`` transposed
     to ``(M, N, ...)`` is the kernel, and the forward strides and dilations
     swap roles.  The result is cut to the kernel's size.
+
+    ``maybe_empty``: ``dout`` may be empty along a spatial axis (a
+    ConvTranspose's input), and onnxruntime's Conv never returns on an
+    empty kernel: the kernel gets one more tap of zeros at the end of each
+    axis, and the input as much more end padding, which leaves the sums and
+    the number of windows as they were.
     """
     rank = len(kernel)
     spatial = _spatial_axes(rank)
@@ -192,6 +199,15 @@ def _weight_gradient(g, inp, dout, kernel, strides, dilations, pads, group, per_
         stacked = g.Reshape(moved, g.Concat(g.ints([per_group, -1]), g.Shape(inp, start=2),
                                             axis=0))
     kernels = g.Transpose(dout, perm=[1, 0] + spatial)
+    if maybe_empty:
+        # A Concat of zeros, not a Pad: with a Pad there, onnxruntime's
+        # optimised graph lost the Pad's output ("not a graph input,
+        # initializer, or output of a previous node").
+        for axis in spatial:
+            zeros_shape = g.Concat(g.Shape(kernels, start=0, end=axis), g.ints([1]),
+                                   g.Shape(kernels, start=axis + 1), axis=0)
+            kernels = g.Concat(kernels, g.zeros(zeros_shape, like=kernels), axis=axis)
+        pads = list(pads[:rank]) + [p + s for p, s in zip(pads[rank:], strides)]
     out = g.Conv(stacked, kernels, strides=dilations, dilations=strides, pads=pads, group=group)
     dw = g.Transpose(out, perm=[1, 0] + spatial)
     return g.Slice(dw, g.ints([0] * rank), g.ints(kernel), g.ints(spatial))
@@ -310,8 +326,10 @@ def conv_transpose(g, node, dys):
                         for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations))]
         grads[0] = _fit_spatial(g, gathered, x, produced)
     if node.needs(1):
+        sizes = _spatial_sizes(g, x)
         grads[1] = _weight_gradient(g, dy, x, kernel, strides, dilations, pads, group,
-                                    _channels_per_group(g, w))
+                                    _channels_per_group(g, w),
+                                    maybe_empty=sizes is None or 0 in sizes)
     if node.has_input(2) and node.needs(2):
         grads[2] = _bias_gradient(g, dy, len(kernel))
     return grads
@@ -437,6 +455,7 @@ def check_window_attributes(graph):
     ValueError
         Naming the node, the attribute and its value.
     """
+    initializers = {i.name: i for i in graph.initializer}
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == attribute.GRAPH:
@@ -456,3 +475,9 @@ def check_window_attributes(graph):
             raise _window_attribute_error(node, f"pads={list(pads)}")
         if node.op_type in ("Conv", "ConvTranspose") and int(values.get("group", 1)) < 1:
             raise _window_attribute_error(node, f"group={values['group']}")
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if (node.op_type in ("Conv", "ConvTranspose") and weight is not None
+                and any(int(k) < 1 for k in weight.dims[2:])):
+            # onnxruntime's Conv never returns on an empty kernel.
+            raise _window_attribute_error(
+                node, f"a weight {node.input[1]!r} of shape {tuple(weight.dims)} (an empty kernel)")
