@@ -52,8 +52,14 @@ def _run_child(name, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     code = f"import tests.test_properties as t; t.{name}()"
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # a hang: the example it hung on
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        examples = [line for line in out.splitlines() if line.startswith("EXAMPLE ")]
+        pytest.fail(f"{name}: the child ran past {timeout} s; last example:\n"
+                    f"{examples[-1] if examples else '(none printed)'}")
     lines = result.stdout.splitlines()
     if result.returncode < 0:
         examples = [line for line in lines if line.startswith("EXAMPLE ")]
