@@ -42,7 +42,7 @@ from .losses import BaseLoss, GraphLoss
 from .model import OnnxModel, load_onnx, normalise_model
 from .onnx_graphs import append_piece, onnx_elem_type, set_outputs
 from .penalties import BasePenalty, make_penalty
-from .sessions import check_device, make_session, parse_device
+from .sessions import ONNXRUNTIME_ERRORS, check_device, make_session, parse_device
 from .training_mode import (
     TrainingGraph,
     batch_shapes,
@@ -708,10 +708,16 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
         # 7 % of a linear model's epoch (a cast in every take, a slower shuffle).
         order = rng.permutation(len(labels)) if self.shuffle else np.arange(len(labels))
         rates = self._learning_rate.rates(schedule_state, n_batches)
-        loss = engine.run_epoch(
-            inputs, labels, weights, order, batch_size, rates, rng=rng, guard=guard,
-            on_step=progress.step if progress.steps is not None else None,
-        )
+        try:
+            loss = engine.run_epoch(
+                inputs, labels, weights, order, batch_size, rates, rng=rng, guard=guard,
+                on_step=progress.step if progress.steps is not None else None,
+            )
+        except ONNXRUNTIME_ERRORS as exc:
+            raise ValueError(
+                f"onnxruntime failed while training, at epoch {self.n_iter_ + 1}: "
+                f"{' '.join(str(exc).split())}"
+            ) from exc
         if engine.diverged_at is not None:
             self._diverged(engine.last_step_loss, guard, engine.diverged_at + 1, inputs, y,
                            engine, before)
@@ -1367,9 +1373,15 @@ class BaseOnnxSGD(CallbackSupportMixin, BaseEstimator):
             runtime.export_session = make_session(
                 self._prediction_model(), self.n_threads, self.dtype_, self._device()
             )
-        if output_names is None:
-            return runtime.export_session.run([self.trained_output_], feeds)[0]
-        return runtime.export_session.run(list(output_names), feeds)
+        names = [self.trained_output_] if output_names is None else list(output_names)
+        try:
+            outputs = runtime.export_session.run(names, feeds)
+        except ONNXRUNTIME_ERRORS as exc:
+            raise ValueError(
+                f"onnxruntime failed to predict on X fed as {self._fed_shapes(feeds)}: "
+                f"{' '.join(str(exc).split())}"
+            ) from exc
+        return outputs[0] if output_names is None else outputs
 
     def training_graphs(self):
         """The ONNX graphs training runs, by name, to save or view.

@@ -39,6 +39,20 @@ except ImportError as exc:  # pragma: no cover - CI's no-runtime lane runs it in
 MIN_ONNXRUNTIME = (1, 20)
 TRAINING_BUILD = (1, 19, 2)
 
+def _onnxruntime_errors():
+    """onnxruntime's own exception classes (Fail, InvalidArgument, ...),
+    which derive from Exception only."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented",
+             "EPFail", "ModelLoadCanceled", "NoSuchFile")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+
+
+#: The exceptions onnxruntime raises itself; onnxfit turns them into
+#: ValueErrors that keep onnxruntime's message.
+ONNXRUNTIME_ERRORS = _onnxruntime_errors()
+
 #: Optimizers disabled for float64 graphs: onnxruntime-training 1.19.2 fuses
 #: transposed MatMuls into FusedMatMul, whose CPU kernel is float32 only.
 _FLOAT64_DISABLED_OPTIMIZERS = ["MatmulTransposeFusion"]
@@ -248,9 +262,16 @@ def make_session(model, n_threads=1, dtype=np.float32, device=None):
     if np.dtype(dtype) == np.float64:
         kwargs["disabled_optimizers"] = _FLOAT64_DISABLED_OPTIMIZERS
     providers = (device or CPU).providers
-    return onnxruntime.InferenceSession(
-        model, session_options(n_threads), providers=providers, **kwargs
-    )
+    try:
+        return onnxruntime.InferenceSession(
+            model, session_options(n_threads), providers=providers, **kwargs
+        )
+    except ONNXRUNTIME_ERRORS as exc:
+        raise ValueError(
+            f"onnxruntime could not load the graph: {' '.join(str(exc).split())} "
+            "(an operator or type this onnxruntime build does not run: check the graph "
+            "with `onnxfit info`, or use the float32 version of the model)."
+        ) from exc
 
 
 def binding_runner(session):
