@@ -192,12 +192,14 @@ def _weight_gradient(g, inp, dout, kernel, strides, dilations, pads, group, per_
     if group == 1:
         stacked = g.Transpose(inp, perm=[1, 0] + spatial)
     else:
-        split = g.Reshape(inp, g.Concat(g.Shape(inp, start=0, end=1),
-                                        g.ints([group, per_group]), g.Shape(inp, start=2),
-                                        axis=0))
+        # Every dimension spelt out and allowzero=1: with no channels per
+        # group (or an empty batch) a 0 is a 0, and a -1 cannot be resolved.
+        batch = g.Shape(inp, start=0, end=1)
+        split = g.Reshape(inp, g.Concat(batch, g.ints([group, per_group]),
+                                        g.Shape(inp, start=2), axis=0), allowzero=1)
         moved = g.Transpose(split, perm=[2, 1, 0] + [a + 1 for a in spatial])
-        stacked = g.Reshape(moved, g.Concat(g.ints([per_group, -1]), g.Shape(inp, start=2),
-                                            axis=0))
+        stacked = g.Reshape(moved, g.Concat(g.ints([per_group]), g.Mul(batch, g.ints([group])),
+                                            g.Shape(inp, start=2), axis=0), allowzero=1)
     kernels = g.Transpose(dout, perm=[1, 0] + spatial)
     if maybe_empty:
         # A Concat of zeros, not a Pad: with a Pad there, onnxruntime's
