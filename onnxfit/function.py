@@ -53,23 +53,10 @@ from .gradient import (
 )
 from .gradient.rules.conv import check_window_attributes
 from .model import OnnxModel, load_onnx, normalise_model
-from .sessions import as_ortvalue, is_ortvalue, ortvalue_dtype
+from .sessions import ONNXRUNTIME_ERRORS, as_ortvalue, is_ortvalue, ortvalue_dtype
 from .training_mode import training_graph
 
 __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
-
-
-def _onnxruntime_errors():
-    """onnxruntime's own exception classes (Fail, InvalidArgument, ...),
-    which derive from Exception only."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented",
-             "EPFail", "ModelLoadCanceled")
-    return tuple(getattr(state, name) for name in names if hasattr(state, name))
-
-
-_ORT_ERRORS = _onnxruntime_errors()
 
 
 def _deep_conv_transposes(graph):
@@ -366,7 +353,7 @@ class OnnxFunction:
                 gradient_backend,
                 constant_outputs=list(self._statistics.values()),
             )
-        except _ORT_ERRORS as exc:
+        except ONNXRUNTIME_ERRORS as exc:
             raise _run_error(exc, "load the graph or its gradient") from exc
         self._context = None
 
@@ -517,7 +504,7 @@ class OnnxFunction:
             kept.append(array)
         try:
             values = self._runner.forward(inputs)
-        except _ORT_ERRORS as exc:
+        except ONNXRUNTIME_ERRORS as exc:
             shapes = {name: tuple(value.shape()) for name, value in inputs.items()
                       if name in self.input_names}
             raise _run_error(exc, f"run the graph on inputs of shape {shapes}") from exc
@@ -575,7 +562,7 @@ class OnnxFunction:
         try:
             gradients = self._runner.backward(
                 context._inputs, context._forward_values, {self.output_name: dy_value})
-        except _ORT_ERRORS as exc:
+        except ONNXRUNTIME_ERRORS as exc:
             context._release()
             raise _run_error(
                 exc, f"run the backward pass (output of shape {context.output_shape})") from exc

@@ -683,10 +683,9 @@ def test_function_onnxruntime_refusal_is_a_value_error():
         OnnxFunction(_float64_conv_graph())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: the estimators let onnxruntime's own "
-                   "exceptions (here NotImplemented) through; fix proposed in estimator.py")
 @pytest.mark.parametrize("engine", ["fused", "forward_backward"])
 def test_estimator_onnxruntime_refusal_is_a_value_error(engine):
+    """The same refusal from the estimators (through sessions.make_session)."""
     from onnxfit import OnnxSGDRegressor
 
     rng = np.random.default_rng(0)
