@@ -560,8 +560,17 @@ class OnnxFunction:
         if kept_context:
             self._context = None
         try:
-            gradients = self._runner.backward(
-                context._inputs, context._forward_values, {self.output_name: dy_value})
+            if 0 in tuple(context.output_shape):
+                # An empty output (an empty batch): every gradient is a sum
+                # over no element, zeros (onnxruntime 1.20 never returns
+                # from the ConvTranspose gradient of an empty batch).
+                gradients = {
+                    name: as_ortvalue(np.zeros(context._inputs[name].shape(),
+                                               dtype=ortvalue_dtype(context._inputs[name])))
+                    for name in list(self.weight_names) + self._float_inputs}
+            else:
+                gradients = self._runner.backward(
+                    context._inputs, context._forward_values, {self.output_name: dy_value})
         except ONNXRUNTIME_ERRORS as exc:
             context._release()
             raise _run_error(

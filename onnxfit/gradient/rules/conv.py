@@ -102,15 +102,17 @@ def _windows(g, x, kernel, strides, dilations, pads, ceil_mode=0):
     if sizes is None or ceil_mode:
         return None
     rank = len(kernel)
-    # onnxruntime truncates the quotient towards 0: a pool shorter than its
-    # window by less than a stride still has one (partial) window, by less
-    # than two none (a Conv shorter than its kernel is refused before, see
-    # _require_windows).
     counts = []
     for i, (n, k, s, d) in enumerate(zip(sizes, kernel, strides, dilations)):
         shortfall = n + pads[i] + pads[rank + i] - (k - 1) * d - 1
-        quotient = shortfall // s if shortfall >= 0 else -(-shortfall // s)
-        counts.append(max(0, quotient + 1))
+        if shortfall < 0:
+            # A pool shorter than its window (a Conv shorter than its
+            # kernel is refused before, see _require_windows): onnxruntime
+            # releases disagree on whether a partial window counts (1.32
+            # truncates the quotient towards 0 and keeps one, 1.20 floors it
+            # and keeps none), so the count is left to run time.
+            return None
+        counts.append(shortfall // s + 1)
     return counts
 
 
