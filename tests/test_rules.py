@@ -341,6 +341,14 @@ TRANSPOSED = [
 for name, sx, sw, attributes in TRANSPOSED:
     case("ConvTranspose", [("X", normal(*sx)), ("W", normal(*sw)), ("B", normal(sw[1] * attributes.get("group", 1)))],
          name, **attributes)
+# Symbolic spatial sizes: the weight gradient's Conv then gets one zero tap
+# more (an input empty along an axis would leave onnxruntime's Conv an empty
+# kernel); the gradient must not change.
+case("ConvTranspose", [("X", normal(2, 2, 3, 4)), ("W", normal(2, 3, 2, 2)), ("B", normal(3))],
+     "symbolic", shapes={"X": ["n", 2, "h", "w"]}, strides=[2, 1])
+case("ConvTranspose", [("X", normal(1, 1, 2, 3, 2)), ("W", normal(1, 2, 2, 1, 2)),
+                       ("B", normal(2))],
+     "3d-symbolic", shapes={"X": ["n", 1, "a", "b", "c"]}, strides=[1, 2, 1])
 POOLS = [
     ("2x2", (2, 2, 4, 4), dict(kernel_shape=[2, 2], strides=[2, 2])),
     ("overlap", (1, 2, 5, 5), dict(kernel_shape=[3, 3])),
@@ -367,6 +375,8 @@ case("AveragePool", [("X", normal(1, 2, 7, 7))], "dilations", opset=19, kernel_s
      dilations=[2, 2])
 case("AveragePool", [("X", normal(2, 2, 4, 6))], "symbolic", shapes={"X": ["n", 2, "h", "w"]},
      kernel_shape=[2, 2], strides=[2, 2])
+case("AveragePool", [("X", normal(1, 1, 3, 4, 5))], "3d-symbolic",
+     shapes={"X": ["n", 1, "a", "b", "c"]}, kernel_shape=[2, 3, 2], strides=[1, 2, 2])
 case("AveragePool", [("X", normal(2, 2, 5, 6))], "symbolic-batch-same",
      shapes={"X": ["n", 2, 5, 6]}, kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER")
 case("MaxPool", [("X", distinct(2, 2, 5, 6))], "symbolic-batch-same",
