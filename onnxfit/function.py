@@ -42,6 +42,7 @@ from collections import OrderedDict
 
 import numpy as np
 import onnx
+import onnxruntime
 from sklearn.utils import check_random_state
 
 from .gradient import (
@@ -72,6 +73,16 @@ def _deep_conv_transposes(graph):
         if rank >= 3:
             found.append(node.name or node.output[0])
     return found
+
+
+def _owned_zeros(like):
+    """An OrtValue of zeros shaped and typed like the OrtValue ``like``,
+    owning its memory (one made from a numpy array would point at that
+    array's, freed once the array is)."""
+    shape, dtype = like.shape(), ortvalue_dtype(like)
+    value = onnxruntime.OrtValue.ortvalue_from_shape_and_type(shape, dtype)
+    value.update_inplace(np.zeros(shape, dtype=dtype))
+    return value
 
 
 def _run_error(exc, what):
@@ -564,10 +575,8 @@ class OnnxFunction:
                 # An empty output (an empty batch): every gradient is a sum
                 # over no element, zeros (onnxruntime 1.20 never returns
                 # from the ConvTranspose gradient of an empty batch).
-                gradients = {
-                    name: as_ortvalue(np.zeros(context._inputs[name].shape(),
-                                               dtype=ortvalue_dtype(context._inputs[name])))
-                    for name in list(self.weight_names) + self._float_inputs}
+                gradients = {name: _owned_zeros(context._inputs[name])
+                             for name in list(self.weight_names) + self._float_inputs}
             else:
                 gradients = self._runner.backward(
                     context._inputs, context._forward_values, {self.output_name: dy_value})
