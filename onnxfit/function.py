@@ -42,7 +42,6 @@ from collections import OrderedDict
 
 import numpy as np
 import onnx
-import onnxruntime
 from sklearn.utils import check_random_state
 
 from .gradient import (
@@ -54,7 +53,13 @@ from .gradient import (
 )
 from .gradient.rules.conv import check_window_attributes
 from .model import OnnxModel, load_onnx, normalise_model
-from .sessions import ONNXRUNTIME_ERRORS, as_ortvalue, is_ortvalue, ortvalue_dtype
+from .sessions import (
+    ONNXRUNTIME_ERRORS,
+    as_ortvalue,
+    is_ortvalue,
+    ortvalue_dtype,
+    zeros_ortvalue,
+)
 from .training_mode import training_graph
 
 __all__ = ["OnnxFunction", "ForwardContext", "ModelGradientCache", "model_gradient_cache"]
@@ -73,16 +78,6 @@ def _deep_conv_transposes(graph):
         if rank >= 3:
             found.append(node.name or node.output[0])
     return found
-
-
-def _owned_zeros(like):
-    """An OrtValue of zeros shaped and typed like the OrtValue ``like``,
-    owning its memory (one made from a numpy array would point at that
-    array's, freed once the array is)."""
-    shape, dtype = like.shape(), ortvalue_dtype(like)
-    value = onnxruntime.OrtValue.ortvalue_from_shape_and_type(shape, dtype)
-    value.update_inplace(np.zeros(shape, dtype=dtype))
-    return value
 
 
 def _run_error(exc, what):
@@ -575,7 +570,8 @@ class OnnxFunction:
                 # An empty output (an empty batch): every gradient is a sum
                 # over no element, zeros (onnxruntime 1.20 never returns
                 # from the ConvTranspose gradient of an empty batch).
-                gradients = {name: _owned_zeros(context._inputs[name])
+                gradients = {name: zeros_ortvalue(context._inputs[name].shape(),
+                                                  ortvalue_dtype(context._inputs[name]))
                              for name in list(self.weight_names) + self._float_inputs}
             else:
                 gradients = self._runner.backward(

@@ -332,6 +332,14 @@ def as_ortvalue(value):
     return onnxruntime.OrtValue.ortvalue_from_numpy(value)
 
 
+def zeros_ortvalue(shape, dtype):
+    """An ``onnxruntime.OrtValue`` of zeros on the CPU that owns its memory
+    (one made from a numpy array points at that array's, freed with it)."""
+    value = onnxruntime.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype))
+    value.update_inplace(np.zeros(shape, dtype=dtype))
+    return value
+
+
 def is_ortvalue(value):
     """Whether ``value`` is an ``onnxruntime.OrtValue``."""
     return isinstance(value, onnxruntime.OrtValue)
